@@ -1,0 +1,118 @@
+"""``anemia-dist`` (= ``python -m anemia_dist``): one entry point, one sub-command per job."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from .config import ConfigError, load_config
+from .data import DataError
+from .model import WeightsError
+
+USER_ERRORS = (ConfigError, DataError, WeightsError, FileNotFoundError)
+
+
+def _is_main_rank() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .engine import train
+
+    cfg = load_config(args.config, args.overrides)
+    summary = train(cfg)
+    if _is_main_rank():
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
+def demo_launch_command(num_processes: int, train_args: list[str]) -> list[str]:
+    """``accelerate launch`` as a user would type it, run through this interpreter."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1"]
+    command += ["--num_processes", str(num_processes), "--mixed_precision", "no", "--dynamo_backend", "no"]
+    if num_processes > 1:
+        command.append("--multi_gpu")  # with ACCELERATE_USE_CPU=true this means 2 CPU ranks over gloo
+    return command + ["-m", "anemia_dist", "train", *train_args]
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import torch
+
+    from .demo import make_synthetic_dataset
+
+    output = Path(args.output_dir)
+    manifest = output / "demo-data" / "manifest.csv"
+    if not manifest.is_file():
+        print(f"generating the synthetic dataset in {manifest.parent}")
+        make_synthetic_dataset(manifest.parent)
+    use_gpu = torch.cuda.is_available()
+    processes = args.num_processes or (torch.cuda.device_count() if use_gpu else min(2, os.cpu_count() or 1))
+    train_args = ["--config", "demo", f"data.manifest={manifest}", f"run.output_dir={output}", "run.name=demo"]
+    run_dir = output / "demo"
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    env = dict(os.environ)
+    if not use_gpu:
+        env["ACCELERATE_USE_CPU"] = "true"
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
+    command = demo_launch_command(processes, train_args + list(args.overrides))
+    shown = " ".join(["accelerate launch", *command[3:]])
+    print(f"running: {'ACCELERATE_USE_CPU=true ' if not use_gpu else ''}{shown}", flush=True)
+    result = subprocess.run(command, env=env)
+    if result.returncode == 0:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        print(
+            f"\ndemo finished: best epoch {summary['best_epoch']} of {summary['epochs_run']} "
+            f"(val loss {summary['best_val_loss']:.4f}, val acc {summary['best_val_acc']:.3f}), "
+            f"stop: {summary['stop_reason']}, {summary['world_size']} process(es).\n"
+            f"run directory: {run_dir} (metrics.jsonl, curves.png, best/, summary.json)"
+        )
+    return result.returncode
+
+
+def cmd_fetch_weights(args: argparse.Namespace) -> int:
+    from .model import fetch_imagenet_weights
+
+    path = fetch_imagenet_weights(args.arch)
+    print(f"ImageNet weights for {args.arch} are in {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="anemia-dist", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train with a config file plus key=value overrides")
+    train.add_argument("--config", help="YAML file, or a packaged config name (default, demo)")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=10 data.root=/data")
+    train.set_defaults(func=cmd_train)
+
+    demo = sub.add_parser("demo", help="generate a synthetic dataset and train on it (no download, no GPU)")
+    demo.add_argument("--output-dir", default="runs")
+    demo.add_argument("--num-processes", type=int, default=None, help="default: 2 CPU ranks, or every GPU")
+    demo.add_argument("overrides", nargs="*", help="dotted overrides passed to train")
+    demo.set_defaults(func=cmd_demo)
+
+    fetch = sub.add_parser("fetch-weights", help="download ImageNet weights into the torch hub cache")
+    fetch.add_argument("--arch", default="resnet50", choices=["resnet18", "resnet34", "resnet50", "resnet101"])
+    fetch.set_defaults(func=cmd_fetch_weights)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except USER_ERRORS as error:
+        if _is_main_rank():
+            print(f"anemia-dist {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

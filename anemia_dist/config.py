@@ -1,0 +1,319 @@
+"""Typed configuration: the dataclasses below hold every default (the methodology).
+
+YAML files and ``key=value`` overrides only change these values. Every problem is reported as a
+:class:`ConfigError` naming the dotted key, before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value that cannot be used; the message names the key and what to do."""
+
+
+def _check(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are split."""
+
+    root: Optional[str] = None
+    """ImageFolder root: one sub-folder per class."""
+    manifest: Optional[str] = None
+    """CSV with columns path,label[,group]; relative paths are resolved against the CSV's folder."""
+    val_root: Optional[str] = None
+    """A separate validation ImageFolder; when set, no split is made."""
+    val_manifest: Optional[str] = None
+    """A separate validation CSV; when set, no split is made."""
+    classes: Optional[list[str]] = None
+    """Class names in index order. Default: sorted folder names / sorted labels."""
+    group_column: Optional[str] = None
+    """Manifest column naming the patient (or other group) that must not span two splits."""
+    val_fraction: float = 0.2
+    image_size: int = 224
+    num_workers: int = 4
+    alpha_background: list[int] = field(default_factory=lambda: [124, 116, 104])
+    """RGB colour that transparent pixels are composited onto (the ImageNet mean: neutral after
+    normalisation). Real conjunctiva crops are RGBA with the mask in alpha."""
+
+    def __post_init__(self) -> None:
+        sources = [self.root is not None, self.manifest is not None]
+        _check(sum(sources) <= 1, "data.root", "set data.root or data.manifest, not both")
+        _check(
+            self.val_root is None or self.val_manifest is None,
+            "data.val_root",
+            "set data.val_root or data.val_manifest, not both",
+        )
+        _check(0.0 < self.val_fraction < 1.0, "data.val_fraction", f"must be in (0, 1), got {self.val_fraction}")
+        _check(self.image_size >= 16, "data.image_size", f"must be at least 16 pixels, got {self.image_size}")
+        _check(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
+        _check(
+            len(self.alpha_background) == 3 and all(0 <= c <= 255 for c in self.alpha_background),
+            "data.alpha_background",
+            f"must be three integers in 0..255, got {self.alpha_background}",
+        )
+        if self.classes is not None:
+            _check(len(self.classes) >= 2, "data.classes", "needs at least two class names")
+            _check(len(set(self.classes)) == len(self.classes), "data.classes", "class names must be unique")
+
+    def require_source(self) -> None:
+        _check(
+            self.root is not None or self.manifest is not None,
+            "data.root",
+            "no training data: set data.root=FOLDER (one sub-folder per class) or data.manifest=FILE.csv",
+        )
+
+
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
+
+
+@dataclass
+class ModelConfig:
+    """The backbone and the classification head."""
+
+    arch: str = "resnet50"
+    weights: str = "imagenet"
+    """``imagenet`` (torchvision's weights from the local torch hub cache), ``none`` (random
+    init, for tests) or a path to a state dict (.safetensors / .pt)."""
+    hidden: int = 512
+    dropout: float = 0.5
+
+    def __post_init__(self) -> None:
+        _check(self.arch in ARCHS, "model.arch", f"must be one of {', '.join(ARCHS)}, got {self.arch!r}")
+        _check(self.hidden >= 1, "model.hidden", f"must be >= 1, got {self.hidden}")
+        _check(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {self.dropout}")
+        if self.weights not in ("imagenet", "none"):
+            _check(
+                Path(self.weights).is_file(),
+                "model.weights",
+                f"no such file {self.weights!r}; use imagenet, none or a path to a state dict",
+            )
+
+
+@dataclass
+class OptimConfig:
+    """Adam, as in the methodology."""
+
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+
+    def __post_init__(self) -> None:
+        _check(self.lr >= 0, "optim.lr", f"must be >= 0, got {self.lr}")
+        _check(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
+
+
+@dataclass
+class SchedulerConfig:
+    """ReduceLROnPlateau on the global validation loss, stepped once per epoch."""
+
+    factor: float = 0.5
+    patience: int = 3
+    min_lr: float = 1e-7
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.factor < 1.0, "scheduler.factor", f"must be in (0, 1), got {self.factor}")
+        _check(self.patience >= 0, "scheduler.patience", f"must be >= 0, got {self.patience}")
+        _check(self.min_lr >= 0, "scheduler.min_lr", f"must be >= 0, got {self.min_lr}")
+
+
+@dataclass
+class UnfreezeConfig:
+    """When backbone stages join the training."""
+
+    epoch: int = 5
+    """Head-only epochs: the listed layers train from epoch ``epoch + 1`` on."""
+    layers: list[str] = field(default_factory=lambda: ["layer4"])
+    plateau_patience: Optional[int] = None
+    """Unfreeze early when the validation loss has not improved for this many head-only epochs."""
+
+    def __post_init__(self) -> None:
+        _check(self.epoch >= 0, "unfreeze.epoch", f"must be >= 0, got {self.epoch}")
+        allowed = {"conv1", "bn1", "layer1", "layer2", "layer3", "layer4"}
+        unknown = [name for name in self.layers if name not in allowed]
+        _check(not unknown, "unfreeze.layers", f"unknown stage(s) {unknown}; choose from {sorted(allowed)}")
+        if self.plateau_patience is not None:
+            _check(self.plateau_patience >= 1, "unfreeze.plateau_patience", "must be >= 1 or null")
+
+
+@dataclass
+class EarlyStoppingConfig:
+    patience: int = 5
+    min_delta: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(self.patience >= 1, "early_stopping.patience", f"must be >= 1, got {self.patience}")
+        _check(self.min_delta >= 0, "early_stopping.min_delta", f"must be >= 0, got {self.min_delta}")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 50
+    batch_size: int = 32
+    """Per process: N processes see N x batch_size images per step."""
+    seed: int = 42
+    mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = None
+    """None: take it from ``accelerate launch`` / the accelerate config."""
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
+        _check(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs"
+    name: Optional[str] = None
+    """Run directory name under output_dir; default: a timestamp."""
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    unfreeze: UnfreezeConfig = field(default_factory=UnfreezeConfig)
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check ``value`` against a type annotation, converting only where lossless (int -> float)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: got {value!r}, expected {annotation}")
+    if origin is Literal:
+        allowed = typing.get_args(annotation)
+        _check(value in allowed, key, f"must be one of {list(allowed)}, got {value!r}")
+        return value
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        _check(isinstance(value, (list, tuple)), key, f"expected a list, got {value!r}")
+        return [_coerce(item, item_type, f"{key}[{i}]") for i, item in enumerate(value)]
+    if dataclasses.is_dataclass(annotation):
+        _check(isinstance(value, dict), key, f"expected a mapping of keys, got {value!r}")
+        return _build(annotation, value, key)
+    if annotation is bool:
+        _check(isinstance(value, bool), key, f"expected true/false, got {value!r}")
+        return value
+    if annotation is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), key, f"expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        _check(
+            isinstance(value, (int, float)) and not isinstance(value, bool), key, f"expected a number, got {value!r}"
+        )
+        return float(value)
+    if annotation is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        _check(isinstance(value, str), key, f"expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config annotation {annotation} at {key}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in names:
+            full = f"{prefix}.{key}" if prefix else key
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean {prefix + '.' if prefix else ''}{close[0]}?)" if close else ""
+            raise ConfigError(f"{full}: unknown key{hint}; known keys here: {', '.join(names)}")
+    kwargs = {
+        key: _coerce(value, hints[key], f"{prefix}.{key}" if prefix else key) for key, value in values.items()
+    }
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        _check(isinstance(child, dict), dotted, f"{part} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key=value`` with the value read as YAML (so ``3``, ``1e-4``, ``null``, ``[a, b]`` work)."""
+    if "=" not in text:
+        raise ConfigError(f"{text}: overrides look like section.key=value, e.g. train.epochs=10")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    _check(bool(key), text, "empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{key}: cannot read value {raw!r}: {error}") from None
+    return key, value
+
+
+def packaged_config(name: str) -> Path:
+    return Path(str(resources.files("anemia_dist") / "configs" / f"{name}.yaml"))
+
+
+def resolve_config_path(path_or_name: str) -> Path:
+    """A file path, or the name of a packaged config (``default``, ``demo``)."""
+    path = Path(path_or_name)
+    if path.is_file():
+        return path
+    packaged = packaged_config(path_or_name)
+    if packaged.is_file():
+        return packaged
+    raise ConfigError(f"--config: no such file {path_or_name!r} (packaged configs: default, demo)")
+
+
+def load_config(path: Optional[str | Path] = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file, then ``key=value`` overrides; validated as a whole."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = resolve_config_path(str(path))
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML: {error}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections (data:, model:, ...)")
+        tree = loaded
+    for override in overrides:
+        key, value = parse_override(override)
+        _set_dotted(tree, key, value)
+    return _build(Config, tree, "")

@@ -1,0 +1,46 @@
+"""Decoding any image file into the RGB picture the model should see."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def has_alpha(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        image.mode == "P" and "transparency" in image.info
+    )
+
+
+def to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """Apply EXIF orientation, then composite any alpha mask onto ``background``.
+
+    A plain ``convert("RGB")`` drops the mask and keeps whatever colour sits under alpha=0,
+    which on hand-cut conjunctiva crops is arbitrary and differs between images.
+    """
+    image = ImageOps.exif_transpose(image)
+    if has_alpha(image):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (*background, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        # 16-bit / float greyscale: scale to 0..255 rather than clip.
+        return _wide_to_rgb(image)
+    return image.convert("RGB")
+
+
+def _wide_to_rgb(image: Image.Image) -> Image.Image:
+    array = np.asarray(image, dtype=np.float64)
+    low, high = float(array.min()), float(array.max())
+    scaled = np.zeros_like(array) if high <= low else (array - low) / (high - low) * 255.0
+    return Image.fromarray(scaled.round().astype("uint8"), mode="L").convert("RGB")
+
+
+def load_rgb(path: str | Path, background: tuple[int, int, int]) -> Image.Image:
+    with Image.open(path) as image:
+        image.load()
+        return to_rgb(image, background)

@@ -1,0 +1,140 @@
+"""The ResNet backbone with its classification head, pretrained weights, freezing and unfreezing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from .config import ModelConfig
+
+BACKBONE_STAGES = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")
+
+
+class WeightsError(RuntimeError):
+    """Pretrained weights that cannot be found or do not fit; the message says what to do."""
+
+
+def imagenet_weights(arch: str) -> torchvision.models.WeightsEnum:
+    return torchvision.models.get_model_weights(arch).DEFAULT
+
+
+def imagenet_cache_path(arch: str) -> Path:
+    """Where torchvision keeps the downloaded file (``$TORCH_HOME/hub/checkpoints``)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(imagenet_weights(arch).url).name
+
+
+def fetch_imagenet_weights(arch: str) -> Path:
+    """Download torchvision's ImageNet weights into the torch hub cache (needs internet)."""
+    weights = imagenet_weights(arch)
+    target = imagenet_cache_path(arch)
+    try:
+        weights.get_state_dict(progress=True, check_hash=True)
+    except Exception as error:  # urllib/HTTP/SSL errors all mean the same to the user
+        raise WeightsError(
+            f"could not download {weights.url}: {error}\n"
+            f"Without internet: download that URL on another machine and copy the file to {target} "
+            f"(or set TORCH_HOME to a folder whose hub/checkpoints/ holds it)."
+        ) from None
+    return target
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
+def _load_imagenet(model: nn.Module, arch: str) -> None:
+    path = imagenet_cache_path(arch)
+    if not path.is_file():
+        raise WeightsError(
+            f"ImageNet weights for {arch} are not in the local torch hub cache ({path}).\n"
+            f"On a machine with internet run `anemia-dist fetch-weights --arch {arch}` (it downloads "
+            f"{imagenet_weights(arch).url} into that cache) and copy the file to {path} here, "
+            f"or train with model.weights=none / model.weights=PATH."
+        )
+    model.load_state_dict(_read_state_dict(path))
+
+
+def build_head(in_features: int, hidden: int, dropout: float, num_classes: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(in_features, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(hidden, num_classes)
+    )
+
+
+def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
+    """torchvision ResNet with the methodology's head; the whole backbone frozen."""
+    model = torchvision.models.get_model(cfg.arch, weights=None)
+    if cfg.weights == "imagenet":
+        _load_imagenet(model, cfg.arch)
+    model.fc = build_head(model.fc.in_features, cfg.hidden, cfg.dropout, num_classes)
+    if cfg.weights not in ("imagenet", "none"):
+        load_weights_file(model, Path(cfg.weights))
+    freeze_backbone(model)
+    return model
+
+
+def load_weights_file(model: nn.Module, path: Path) -> None:
+    """A whole model of this shape, or a backbone-only (ImageNet-style) state dict."""
+    state = _read_state_dict(path)
+    expected = model.state_dict()
+    if set(state) == set(expected):
+        model.load_state_dict(state)
+        return
+    backbone = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    wanted = {k for k in expected if not k.startswith("fc.")}
+    missing, unexpected = sorted(wanted - set(backbone)), sorted(set(backbone) - wanted)
+    if missing or unexpected:
+        raise WeightsError(
+            f"{path}: does not fit a {type(model).__name__} backbone "
+            f"(missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}); check model.arch"
+        )
+    model.load_state_dict(backbone, strict=False)
+
+
+def freeze_backbone(model: nn.Module) -> None:
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad = name.startswith("fc.")
+
+
+def unfreeze(model: nn.Module, stages: list[str]) -> None:
+    for stage in stages:
+        for parameter in getattr(model, stage).parameters():
+            parameter.requires_grad = True
+
+
+def trainable_stages(model: nn.Module) -> list[str]:
+    return [s for s in BACKBONE_STAGES if any(p.requires_grad for p in getattr(model, s).parameters())]
+
+
+def set_train_mode(model: nn.Module) -> None:
+    """``model.train()``, but BatchNorm in frozen stages stays in eval mode.
+
+    A frozen BatchNorm in train mode still updates its running statistics from head-only
+    batches, silently changing the pretrained backbone (and DDP would broadcast rank 0's).
+    """
+    model.train()
+    for stage in BACKBONE_STAGES:
+        module = getattr(model, stage)
+        if not any(p.requires_grad for p in module.parameters()):
+            for child in module.modules():
+                if isinstance(child, nn.modules.batchnorm._BatchNorm):
+                    child.eval()
+
+
+def optimizer_param_groups(model: nn.Module, unfreeze_stages: list[str]) -> list[dict]:
+    """One group for the head and one per stage that will be unfrozen, all created up front.
+
+    Frozen parameters have no gradient, so Adam leaves them alone until they are unfrozen;
+    the optimizer (and its saved state) never changes shape mid-run.
+    """
+    groups = [{"name": "head", "params": list(model.fc.parameters())}]
+    groups += [{"name": stage, "params": list(getattr(model, stage).parameters())} for stage in unfreeze_stages]
+    return groups
