@@ -1,0 +1,65 @@
+"""Run under ``accelerate launch``: the real training loop, observed from inside every rank.
+
+Usage: ``rank_spy.py OUT_DIR [--no-rewrap] -- key=value ...``. Each rank writes
+``OUT_DIR/rank<k>.json`` with, per epoch, the validation loss it computed and a hash of its
+layer4 weights; the summary ``train`` returned on it; and every file-system write it made under
+the run directory (recorded with a Python audit hook). Only this spy writes to OUT_DIR.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import anemia_dist.engine as engine
+from anemia_dist.config import load_config
+
+WRITE_EVENTS = {"os.rename", "os.replace", "os.mkdir", "os.remove", "os.rmdir", "shutil.rmtree"}
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    flags = sys.argv[2 : sys.argv.index("--")]
+    overrides = sys.argv[sys.argv.index("--") + 1 :]
+    cfg = load_config(None, overrides)
+    run_dir = str(Path(cfg.run.output_dir).resolve())
+    rank = int(os.environ.get("RANK", "0"))
+    writes: list[str] = []
+
+    def audit(event: str, args: tuple) -> None:
+        if event == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
+            mode = args[1] if len(args) > 1 and isinstance(args[1], str) else "r"
+            target = os.path.abspath(os.fsdecode(args[0]))
+            if target.startswith(run_dir) and any(c in mode for c in "wax+"):
+                writes.append(f"open:{target}")
+        elif event in WRITE_EVENTS and args:
+            target = os.path.abspath(os.fsdecode(args[0])) if isinstance(args[0], (str, bytes, os.PathLike)) else ""
+            if target.startswith(run_dir):
+                writes.append(f"{event}:{target}")
+
+    sys.addaudithook(audit)
+
+    epochs: list[dict] = []
+    real_validate = engine.validate
+
+    def spying_validate(accelerator, model, loader, class_weights):
+        result = real_validate(accelerator, model, loader, class_weights)
+        layer4 = accelerator.unwrap_model(model).layer4.state_dict()
+        digest = hashlib.sha256(b"".join(t.detach().cpu().numpy().tobytes() for t in layer4.values())).hexdigest()
+        epochs.append({"val_loss": result.loss, "layer4": digest})
+        return result
+
+    engine.validate = spying_validate
+    if "--no-rewrap" in flags:  # negative control: show the test catches unsynchronised layers
+        engine.rewrap_after_unfreeze = lambda accelerator, model: model
+
+    summary = engine.train(cfg)
+    report = {"rank": rank, "epochs": epochs, "summary": summary, "writes": writes}
+    (out / f"rank{rank}.json").write_text(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Config: dataclass defaults are the methodology; files and overrides only change them."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from anemia_dist.config import Config, ConfigError, load_config, packaged_config
+
+
+def test_defaults_are_the_methodology():
+    cfg = Config()
+    assert (cfg.model.arch, cfg.model.weights, cfg.model.hidden, cfg.model.dropout) == ("resnet50", "imagenet", 512, 0.5)
+    assert (cfg.optim.lr, cfg.optim.weight_decay) == (1e-4, 1e-4)
+    assert (cfg.scheduler.factor, cfg.scheduler.patience) == (0.5, 3)
+    assert cfg.scheduler.min_lr > 0
+    assert (cfg.unfreeze.epoch, cfg.unfreeze.layers) == (5, ["layer4"])
+    assert cfg.early_stopping.patience == 5
+    assert cfg.data.image_size == 224
+
+
+def test_packaged_default_yaml_equals_the_dataclass_defaults():
+    assert load_config("default") == Config()
+    assert load_config(packaged_config("default")) == Config()
+
+
+def test_overrides_apply_on_top_of_the_file_with_yaml_typed_values():
+    cfg = load_config("demo", ["train.epochs=3", "optim.lr=1e-3", "unfreeze.layers=[layer3, layer4]", "run.name=x"])
+    assert cfg.train.epochs == 3 and cfg.optim.lr == 1e-3
+    assert cfg.unfreeze.layers == ["layer3", "layer4"]
+    assert cfg.model.weights == "none"  # from demo.yaml
+    assert cfg.run.name == "x"
+
+
+@pytest.mark.parametrize(
+    "override, names",
+    [
+        ("data.vall_fraction=0.3", ["data.vall_fraction", "did you mean data.val_fraction"]),
+        ("trian.epochs=3", ["trian", "did you mean train"]),
+        ("train.epochs=three", ["train.epochs", "integer"]),
+        ("train.epochs=0", ["train.epochs", ">= 1"]),
+        ("data.val_fraction=1.5", ["data.val_fraction", "(0, 1)"]),
+        ("model.arch=vgg16", ["model.arch", "resnet50"]),
+        ("model.weights=/no/such/file.pt", ["model.weights", "no such file"]),
+        ("unfreeze.layers=[layer5]", ["unfreeze.layers", "layer5"]),
+        ("train.mixed_precision=fp8", ["train.mixed_precision", "bf16"]),
+        ("optim.lr=fast", ["optim.lr", "number"]),
+        ("noequals", ["section.key=value"]),
+    ],
+)
+def test_bad_config_values_name_the_key(override, names):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, [override])
+    for name in names:
+        assert name in str(error.value)
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path):
+    cfg = load_config("demo", ["train.seed=7"])
+    path = tmp_path / "config.yaml"
+    path.write_text(cfg.to_yaml())
+    assert load_config(path) == cfg
+    assert yaml.safe_load(path.read_text())["train"]["seed"] == 7
+
+
+def _dotted_keys(obj, prefix=""):
+    import dataclasses
+
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _dotted_keys(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}"
+
+
+def test_readme_config_reference_lists_every_key():
+    from conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    missing = [key for key in _dotted_keys(Config()) if f"`{key}`" not in readme]
+    assert not missing, f"document these keys in the README's config reference: {missing}"

@@ -1,0 +1,37 @@
+"""Run under ``accelerate launch``: validation loss of one fixed initial model, on every rank.
+
+Usage: ``val_loss_probe.py OUT_DIR -- key=value ...``; each rank writes ``OUT_DIR/rank<k>.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from accelerate.utils import set_seed
+
+from anemia_dist import engine
+from anemia_dist.config import load_config
+from anemia_dist.data import balanced_class_weights, build_split
+from anemia_dist.model import build_model
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    cfg = load_config(None, sys.argv[sys.argv.index("--") + 1 :])
+    accelerator = engine.make_accelerator(cfg)
+    set_seed(cfg.train.seed)
+    split = build_split(cfg.data, cfg.train.seed)
+    weights = balanced_class_weights(split.train, len(split.classes)).to(accelerator.device)
+    _, val_loader = engine.make_loaders(cfg, split, pin_memory=False)
+    model = build_model(cfg.model, len(split.classes))
+    model, val_loader = accelerator.prepare(model, val_loader)
+    result = engine.validate(accelerator, model, val_loader, weights)
+    report = {"val_loss": result.loss, "n": len(result.labels), "val_acc": result.accuracy}
+    (out / f"rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
