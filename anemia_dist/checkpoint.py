@@ -42,7 +42,9 @@ def atomic_directory(target: Path) -> Iterator[Path]:
 
 
 def save_best(model: torch.nn.Module, directory: Path, meta: dict[str, Any]) -> None:
-    """``model`` is the unwrapped module; ``meta`` must hold arch, classes, image_size, epoch, val_loss."""
+    """``model`` is the unwrapped module; ``meta`` must hold arch, classes, image_size, epoch, val_loss,
+    and the operating point (:meth:`anemia_dist.evaluation.OperatingPoint.to_meta`) that
+    ``evaluate`` and ``predict`` apply."""
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     meta = {"normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}, **meta}
     with atomic_directory(directory) as tmp:

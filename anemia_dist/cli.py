@@ -10,9 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .bench import add_arguments as add_bench_arguments
 from .config import ConfigError, load_config
 from .data import DataError
 from .model import WeightsError
+from .preemption import PREEMPTED_EXIT_CODE, Preempted
 
 USER_ERRORS = (ConfigError, DataError, WeightsError, FileNotFoundError)
 
@@ -25,7 +27,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .engine import train
 
     cfg = load_config(args.config, args.overrides)
-    summary = train(cfg)
+    try:
+        summary = train(cfg)
+    except Preempted as preempted:
+        print(f"anemia-dist train: {preempted}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     if _is_main_rank():
         print(json.dumps(summary, indent=2))
     return 0
@@ -70,9 +76,55 @@ def cmd_demo(args: argparse.Namespace) -> int:
             f"\ndemo finished: best epoch {summary['best_epoch']} of {summary['epochs_run']} "
             f"(val loss {summary['best_val_loss']:.4f}, val acc {summary['best_val_acc']:.3f}), "
             f"stop: {summary['stop_reason']}, {summary['world_size']} process(es).\n"
-            f"run directory: {run_dir} (metrics.jsonl, curves.png, best/, summary.json)"
+            f"run directory: {run_dir} (metrics.jsonl, curves.png, best/, summary.json, report/report.html)"
         )
     return result.returncode
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .predict import evaluate
+
+    record = evaluate(args.checkpoint, args.data, args.overrides, args.batch_size, args.out, args.report, args.split)
+    if record is not None:
+        print(json.dumps(record, indent=2))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .predict import predict, write_predictions
+
+    rows = predict(args.checkpoint, args.inputs, args.batch_size, args.num_workers)
+    if args.out:
+        with open(args.out, "w", newline="") as handle:
+            write_predictions(rows, handle)
+    else:
+        write_predictions(rows, sys.stdout)
+    unreadable = [row for row in rows if row["error"]]
+    print(f"{len(rows) - len(unreadable)} image(s) scored, {len(unreadable)} unreadable", file=sys.stderr)
+    for row in unreadable:
+        print(f"  unreadable: {row['path']} ({row['error']})", file=sys.stderr)
+    return 0
+
+
+def cmd_audit_data(args: argparse.Namespace) -> int:
+    from .data import audit_data, bad_files_message
+
+    cfg = load_config(args.config, args.overrides)
+    _, _, report = audit_data(cfg.data)
+    out = Path(args.out or Path(cfg.run.output_dir) / "audit")
+    path = report.write(out)
+    print(report.summary_text())
+    print(f"report: {path} (every finding, with paths) and {out / 'audit.json'} (counts)")
+    if report.bad and cfg.data.bad_files == "error":
+        print(f"anemia-dist audit-data: {bad_files_message(report)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import main as bench_main
+
+    return bench_main(args)
 
 
 def cmd_fetch_weights(args: argparse.Namespace) -> int:
@@ -98,9 +150,43 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("overrides", nargs="*", help="dotted overrides passed to train")
     demo.set_defaults(func=cmd_demo)
 
+    audit = sub.add_parser(
+        "audit-data", help="check every image (bad files, duplicates, label conflicts) as training would; exit 1 if it would stop"
+    )
+    audit.add_argument("--config", help="YAML file, or a packaged config name (default, demo, cp_anemic)")
+    audit.add_argument("--out", help="report folder (default: RUN.OUTPUT_DIR/audit)")
+    audit.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.manifest=/data/sheet.csv")
+    audit.set_defaults(func=cmd_audit_data)
+
     fetch = sub.add_parser("fetch-weights", help="download ImageNet weights into the torch hub cache")
     fetch.add_argument("--arch", default="resnet50", choices=["resnet18", "resnet34", "resnet50", "resnet101"])
     fetch.set_defaults(func=cmd_fetch_weights)
+
+    bench = sub.add_parser("bench", help="input-pipeline and training throughput, seed-style vs this package (JSON)")
+    add_bench_arguments(bench)
+    bench.set_defaults(func=cmd_bench)
+
+    evaluate = sub.add_parser(
+        "evaluate", help="metrics with 95%% intervals on labelled images at the model's saved threshold (1..N processes)"
+    )
+    evaluate.add_argument("--checkpoint", required=True, help="the run's best/ directory")
+    evaluate.add_argument("--data", required=True, help="image folder (one sub-folder per class) or manifest CSV")
+    evaluate.add_argument("--out", help="also write the metrics JSON to this file")
+    evaluate.add_argument("--report", help="report folder (default: OUT_report/ beside --out, else ./evaluation_report)")
+    evaluate.add_argument("--split", choices=["train", "val"], help="only these rows of a manifest with a split column (a run's splits.csv)")
+    evaluate.add_argument("--batch-size", type=int, default=64, help="per process")
+    evaluate.add_argument(
+        "overrides", nargs="*", help="data.* keys saying how to read --data (e.g. data.group_column=patient), eval.bootstrap=N"
+    )
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    predict = sub.add_parser("predict", help="probability and decision at the saved threshold for image files or folders")
+    predict.add_argument("--checkpoint", required=True, help="the run's best/ directory")
+    predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    predict.add_argument("--out", help="CSV file (default: standard output)")
+    predict.add_argument("--batch-size", type=int, default=64)
+    predict.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1))
+    predict.set_defaults(func=cmd_predict)
     return parser
 
 

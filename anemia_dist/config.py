@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -25,6 +26,26 @@ class ConfigError(ValueError):
 def _check(condition: bool, key: str, message: str) -> None:
     if not condition:
         raise ConfigError(f"{key}: {message}")
+
+
+CONDITION = re.compile(r"^\s*(?P<column>.+?)\s*(?P<op><=|>=|==|!=|<|>)\s*(?P<value>.+?)\s*$")
+
+
+def parse_condition(text: str, key: str) -> tuple[str, str, str]:
+    """``COLUMN OP VALUE`` (OP one of < <= > >= == !=) as (column, op, value)."""
+    match = CONDITION.match(text)
+    _check(match is not None, key, f"cannot read condition {text!r}; write COLUMN OP VALUE, e.g. 'Age(Months) < 60'")
+    return match["column"], match["op"], match["value"]
+
+
+@dataclass
+class ThresholdRule:
+    """One row of a threshold table: the first rule whose conditions all hold sets a row's
+    threshold. WHO haemoglobin thresholds differ by age, sex and pregnancy."""
+
+    threshold: float
+    when: list[str] = field(default_factory=list)
+    """Conditions ``COLUMN OP VALUE`` on manifest columns, all of which must hold; empty: any row."""
 
 
 @dataclass
@@ -46,9 +67,52 @@ class DataConfig:
     val_fraction: float = 0.2
     image_size: int = 224
     num_workers: int = 4
+    pipeline: Literal["gpu", "pil"] = "gpu"
+    """``gpu``: decode each image once into an in-memory uint8 cache and augment whole batches on
+    the training device (GPU, or CPU when training there). ``pil``: the methodology as usually
+    written, PIL transforms per image in the loader workers, decoding every epoch (for comparison)."""
+    cache_dir: Optional[str] = None
+    """data.pipeline=gpu: also keep the decoded images in this folder, keyed by file content, so
+    later runs skip decoding. Must be visible to every node; only the main process writes it."""
     alpha_background: list[int] = field(default_factory=lambda: [124, 116, 104])
     """RGB colour that transparent pixels are composited onto (the ImageNet mean: neutral after
     normalisation). Real conjunctiva crops are RGBA with the mask in alpha."""
+    path_column: str = "path"
+    """Manifest column with the image path (relative to the CSV's folder) or an image ID: a value
+    that is not a file is looked up by file name, with or without extension, under the CSV's folder."""
+    label_column: str = "label"
+    """Manifest column with the class name (unused when data.measure_column is set)."""
+    measure_column: Optional[str] = None
+    """Manifest column with a measurement (e.g. haemoglobin, g/dL) that sets the label:
+    data.below_label when value < threshold, else data.above_label."""
+    threshold: Optional[float] = None
+    """One threshold for every row (11.0 g/dL: WHO, children 6-59 months)."""
+    threshold_column: Optional[str] = None
+    """Manifest column holding each row's threshold."""
+    threshold_rules: list[ThresholdRule] = field(default_factory=list)
+    """Thresholds by rule, e.g. by age and sex; the first matching rule wins."""
+    below_label: str = "anemic"
+    above_label: str = "non-anemic"
+    site_column: Optional[str] = None
+    """Manifest column naming the site (e.g. hospital): each site lands in one split, so every
+    validation fold holds out whole sites."""
+    folds: Optional[int] = None
+    """Cross-validation folds over groups; default round(1 / val_fraction)."""
+    fold: int = 0
+    """Which fold (0 .. folds-1) is the validation split."""
+    bad_files: Literal["error", "skip"] = "error"
+    """Missing, unreadable, empty, non-image, truncated or too-small files: ``error`` stops before
+    training with the full list; ``skip`` leaves them out and lists them in the run's excluded.csv."""
+    min_size: int = 16
+    """Images whose shorter side is below this many pixels are bad files."""
+    near_duplicate_distance: Optional[int] = 16
+    """Images whose 256-bit difference hashes (dHash) differ in at most this many bits are near
+    duplicates and share a split; null turns the check off. On CP-AnemiC, copies re-encoded or
+    re-cut from one photo differ by 0-15 bits and no pair lies at 16-21; from 22 bits on, other
+    photos of what may be the same eye mix with look-alike eyes, which only patient IDs separate."""
+    duplicates: Literal["keep", "first"] = "keep"
+    """``keep``: every copy trains, all copies in one split. ``first``: only the first file (by
+    path) of each duplicate group is used, and groups with conflicting labels are left out."""
 
     def __post_init__(self) -> None:
         sources = [self.root is not None, self.manifest is not None]
@@ -61,6 +125,9 @@ class DataConfig:
         _check(0.0 < self.val_fraction < 1.0, "data.val_fraction", f"must be in (0, 1), got {self.val_fraction}")
         _check(self.image_size >= 16, "data.image_size", f"must be at least 16 pixels, got {self.image_size}")
         _check(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
+        if self.cache_dir is not None:
+            _check(self.pipeline == "gpu", "data.cache_dir", "is only used with data.pipeline=gpu; unset it or switch")
+            _check(not Path(self.cache_dir).is_file(), "data.cache_dir", f"{self.cache_dir!r} is a file; give a folder")
         _check(
             len(self.alpha_background) == 3 and all(0 <= c <= 255 for c in self.alpha_background),
             "data.alpha_background",
@@ -69,6 +136,40 @@ class DataConfig:
         if self.classes is not None:
             _check(len(self.classes) >= 2, "data.classes", "needs at least two class names")
             _check(len(set(self.classes)) == len(self.classes), "data.classes", "class names must be unique")
+        self._check_label_source()
+        if self.folds is not None:
+            _check(self.folds >= 2, "data.folds", f"must be at least 2, got {self.folds}")
+        folds = self.folds or max(2, round(1.0 / self.val_fraction))
+        _check(0 <= self.fold < folds, "data.fold", f"must be in 0..{folds - 1} (data.folds={folds}), got {self.fold}")
+        _check(self.min_size >= 1, "data.min_size", f"must be >= 1, got {self.min_size}")
+        if self.near_duplicate_distance is not None:
+            _check(
+                0 <= self.near_duplicate_distance <= 256,
+                "data.near_duplicate_distance",
+                f"must be in 0..256 bits or null, got {self.near_duplicate_distance}",
+            )
+        manifest_only = ["measure_column", "site_column", "group_column"]
+        for name in manifest_only:
+            _check(
+                getattr(self, name) is None or self.root is None,
+                f"data.{name}",
+                "needs a manifest CSV (data.manifest); an image folder has no columns",
+            )
+
+    def _check_label_source(self) -> None:
+        sources = [self.threshold is not None, self.threshold_column is not None, bool(self.threshold_rules)]
+        if self.measure_column is None:
+            _check(not any(sources), "data.measure_column", "set it to use data.threshold/threshold_column/threshold_rules")
+            return
+        _check(
+            sum(sources) == 1,
+            "data.threshold",
+            "with data.measure_column set exactly one of data.threshold, data.threshold_column, data.threshold_rules",
+        )
+        _check(self.below_label != self.above_label, "data.below_label", "must differ from data.above_label")
+        for i, rule in enumerate(self.threshold_rules):
+            for j, condition in enumerate(rule.when):
+                parse_condition(condition, f"data.threshold_rules[{i}].when[{j}]")
 
     def require_source(self) -> None:
         _check(
@@ -167,6 +268,12 @@ class TrainConfig:
     seed: int = 42
     mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = None
     """None: take it from ``accelerate launch`` / the accelerate config."""
+    channels_last: bool = True
+    """data.pipeline=gpu: hand the model channels-last (NHWC) batches, the layout cuDNN's tensor
+    cores and oneDNN run fastest; the weights keep their layout, so checkpoints are unchanged."""
+    compile: bool = False
+    """``torch.compile`` the model (in place: same state-dict keys; recompiles once after the
+    unfreeze). Pays on long GPU runs; the first steps wait for compilation."""
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
@@ -178,6 +285,86 @@ class RunConfig:
     output_dir: str = "runs"
     name: Optional[str] = None
     """Run directory name under output_dir; default: a timestamp."""
+    resume: Optional[str] = None
+    """``auto``: continue from the newest complete checkpoint in RUN/checkpoints (start fresh when
+    there is none); a path: that checkpoint. Without it an existing run directory is an error."""
+
+    def __post_init__(self) -> None:
+        if self.resume not in (None, "auto"):
+            _check(Path(self.resume).is_dir(), "run.resume", f"no such checkpoint directory {self.resume!r}; use auto or a path")
+
+
+@dataclass
+class CheckpointConfig:
+    """Full training state saved at the end of every epoch (and on preemption)."""
+
+    keep_last: int = 2
+    """Newest checkpoints kept (the best epoch's is kept too)."""
+
+    def __post_init__(self) -> None:
+        _check(self.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1, got {self.keep_last}")
+
+
+@dataclass
+class EvalConfig:
+    """The screening decision: which class is positive, and how its threshold is chosen.
+
+    The threshold is chosen on the validation split, saved in ``best/meta.json`` and used
+    unchanged by ``evaluate`` and ``predict``: it is never re-tuned on test data.
+    """
+
+    positive_class: str = "anemic"
+    """The class screened for; matched case-insensitively against the class names."""
+    threshold_rule: Literal["youden", "sensitivity", "fixed"] = "youden"
+    """``youden``: maximise sensitivity + specificity - 1; ``sensitivity``: the highest threshold
+    whose validation sensitivity reaches ``target_sensitivity``; ``fixed``: ``fixed_threshold``."""
+    target_sensitivity: float = 0.90
+    fixed_threshold: float = 0.5
+    calibrate: bool = False
+    """Fit a softmax temperature on the validation split and save it with the model."""
+    bootstrap: int = 2000
+    """Bootstrap resamples for the 95 % confidence intervals in the reports."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.positive_class.strip()), "eval.positive_class", "must name a class, e.g. anemic")
+        _check(
+            0.0 < self.target_sensitivity <= 1.0,
+            "eval.target_sensitivity",
+            f"must be in (0, 1], got {self.target_sensitivity}",
+        )
+        _check(0.0 <= self.fixed_threshold <= 1.0, "eval.fixed_threshold", f"must be in [0, 1], got {self.fixed_threshold}")
+        _check(self.bootstrap >= 100, "eval.bootstrap", f"must be >= 100 resamples, got {self.bootstrap}")
+
+
+WANDB_MODES = ("off", "online", "offline")
+
+
+@dataclass
+class TrackingConfig:
+    """Weights & Biases, through Accelerate's tracker on the main process (see tracking.py)."""
+
+    wandb: Union[str, bool] = "off"
+    """``off``, ``online`` or ``offline`` (YAML reads a bare ``off`` as false; that means off too).
+    ``online`` without a key or network falls back to offline with a message. A set WANDB_MODE
+    environment variable wins, as everywhere in W&B (``WANDB_MODE=offline`` on compute nodes)."""
+    project: str = "anemia-dist"
+    entity: Optional[str] = None
+    """W&B user or team; default: the key's default entity."""
+    run_name: Optional[str] = None
+    """Display name in W&B; default: run.name."""
+    tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.wandb is False:
+            self.wandb = "off"
+        _check(self.wandb in WANDB_MODES, "tracking.wandb", f"must be off, online or offline, got {self.wandb!r}")
+        _check(
+            bool(self.project.strip()) and not any(c in self.project for c in "/\\#?%:"),
+            "tracking.project",
+            f"must be a non-empty name without / \\ # ? % :, got {self.project!r}",
+        )
+        for i, tag in enumerate(self.tags):
+            _check(0 < len(tag) <= 64, f"tracking.tags[{i}]", f"W&B tags are 1 to 64 characters, got {tag!r}")
 
 
 @dataclass
@@ -190,6 +377,9 @@ class Config:
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -235,6 +425,11 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         _check(isinstance(value, int) and not isinstance(value, bool), key, f"expected an integer, got {value!r}")
         return value
     if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
         _check(
             isinstance(value, (int, float)) and not isinstance(value, bool), key, f"expected a number, got {value!r}"
         )
@@ -298,7 +493,8 @@ def resolve_config_path(path_or_name: str) -> Path:
     packaged = packaged_config(path_or_name)
     if packaged.is_file():
         return packaged
-    raise ConfigError(f"--config: no such file {path_or_name!r} (packaged configs: default, demo)")
+    names = sorted(p.stem for p in packaged.parent.glob("*.yaml"))
+    raise ConfigError(f"--config: no such file {path_or_name!r} (packaged configs: {', '.join(names)})")
 
 
 def load_config(path: Optional[str | Path] = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

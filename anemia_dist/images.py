@@ -40,7 +40,16 @@ def _wide_to_rgb(image: Image.Image) -> Image.Image:
     return Image.fromarray(scaled.round().astype("uint8"), mode="L").convert("RGB")
 
 
-def load_rgb(path: str | Path, background: tuple[int, int, int]) -> Image.Image:
+def load_rgb(path: str | Path, background: tuple[int, int, int], min_side: int | None = None) -> Image.Image:
+    """Decode ``path`` with :func:`to_rgb`.
+
+    ``min_side``: the caller will shrink the picture to about this size, so a JPEG may be decoded
+    at a reduced DCT scale (1/2, 1/4 or 1/8) as long as both sides stay at least ``min_side``
+    pixels. A 12-megapixel photo then decodes several times faster and at 1/64 of the memory.
+    Other formats ignore it.
+    """
     with Image.open(path) as image:
+        if min_side is not None:
+            image.draft(image.mode, (min_side, min_side))
         image.load()
         return to_rgb(image, background)

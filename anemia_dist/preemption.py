@@ -2,5 +2,44 @@
 
 from __future__ import annotations
 
+import signal
+from types import FrameType
+from typing import Optional
+
+import torch
+from accelerate import Accelerator
+
 PREEMPTED_EXIT_CODE = 75
-"""Exit status after a preemption checkpoint (EX_TEMPFAIL): the SLURM scripts requeue on it."""
+"""Exit status of ``anemia-dist train`` after a preemption checkpoint (EX_TEMPFAIL). Under
+``accelerate launch`` with 2+ processes, torchrun reports a rank's 75 as its own exit 1, so
+``slurm/node_launch.sh`` maps "launcher failed after it passed on a USR1" back to 75, and the
+run directory also gets a ``preempted.json`` marker naming the checkpoint."""
+
+PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+class Preempted(Exception):
+    """Raised on every rank after the preemption checkpoint is complete."""
+
+
+class PreemptionWatcher:
+    """Signal handlers only set a flag; the ranks agree on it at step boundaries.
+
+    A signal may reach one rank only (``scancel --signal`` to one task, a node's SIGTERM), so
+    the decision is one all-reduce of the flags: every rank stops at the same step, none hangs.
+    """
+
+    def __init__(self) -> None:
+        self.received: Optional[int] = None
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in PREEMPTION_SIGNALS}
+
+    def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
+        self.received = signum
+
+    def agreed(self, accelerator: Accelerator) -> bool:
+        flag = torch.tensor([0.0 if self.received is None else 1.0], device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

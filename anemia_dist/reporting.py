@@ -15,6 +15,7 @@ from typing import Any, Sequence
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CURVES_FILE = "curves.png"
+PREEMPTED_FILE = "preempted.json"
 
 
 class RunDirectory:
@@ -37,6 +38,21 @@ class RunDirectory:
                 writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
                 writer.writeheader()
                 writer.writerows(rows)
+
+    def has_metrics(self) -> bool:
+        return (self.path / METRICS_FILE).is_file()
+
+    def remove(self, name: str) -> None:
+        if self.writes:
+            (self.path / name).unlink(missing_ok=True)
+
+    def keep_metrics_through(self, epoch: int) -> list[dict[str, Any]]:
+        """On resume: drop rows of epochs after the checkpoint (they will be run again)."""
+        if not self.writes:
+            return []
+        rows = [row for row in read_metrics(self.path) if row["epoch"] <= epoch]
+        self.write_text(METRICS_FILE, "".join(json.dumps(row) + "\n" for row in rows))
+        return rows
 
     def append_metrics(self, row: dict[str, Any]) -> None:
         if self.writes:
@@ -65,14 +81,16 @@ def lr_cut_epochs(rows: Sequence[dict[str, Any]]) -> list[int]:
 
 
 def plot_curves(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    """Loss, accuracy and learning rate per epoch, with unfreezing and lr cuts marked."""
+    """Loss, accuracy, validation screening metrics (when logged) and learning rate per epoch,
+    with unfreezing and lr cuts marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     epochs = [r["epoch"] for r in rows]
-    figure, axes = plt.subplots(1, 3, figsize=(15, 4.2), constrained_layout=True)
+    screening = "val_auroc" in rows[0]
+    figure, axes = plt.subplots(1, 4 if screening else 3, figsize=(20 if screening else 15, 4.2), constrained_layout=True)
     panels = (
         ("Loss (class-weighted CE)", "train_loss", "val_loss"),
         ("Accuracy", "train_acc", "val_acc"),
@@ -83,7 +101,11 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: Path) -> None:
         axis.set_title(title)
     best = min(rows, key=lambda r: r["val_loss"] if math.isfinite(r["val_loss"]) else math.inf)
     axes[0].plot([best["epoch"]], [best["val_loss"]], "*", color="gold", markersize=16, label="best")
-    lr_axis = axes[2]
+    if screening:
+        for key, name in (("val_auroc", "AUROC"), ("val_sensitivity", "sensitivity"), ("val_specificity", "specificity")):
+            axes[2].plot(epochs, [r[key] for r in rows], "o-", label=name)
+        axes[2].set(title="Validation screening (each epoch's own threshold)", ylim=(0, 1.02))
+    lr_axis = axes[-1]
     for index, name in enumerate(rows[0].get("lr_groups", ["lr"])):
         lr_axis.plot(epochs, [r["lr"][index] for r in rows], "o-", label=name)
     lr_axis.set_yscale("log")

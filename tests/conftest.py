@@ -66,8 +66,8 @@ def make_manifest(root: Path, counts: dict[str, int], per_group: int = 2, size: 
     return manifest
 
 
-def launch(args: list[str], num_processes: int = 2, env: dict | None = None, timeout: int = 600):
-    """Run ``accelerate launch`` for real: 2 CPU ranks over gloo (``ACCELERATE_USE_CPU`` + ``--multi_gpu``).
+def launch_command(args: list[str], num_processes: int = 2, env: dict | None = None) -> tuple[list[str], dict]:
+    """``accelerate launch`` for real: 2 CPU ranks over gloo (``ACCELERATE_USE_CPU`` + ``--multi_gpu``).
 
     ``args`` follow the launcher: ``["-m", "anemia_dist", "train", ...]`` or a script path.
     """
@@ -75,10 +75,12 @@ def launch(args: list[str], num_processes: int = 2, env: dict | None = None, tim
     command += ["--num_processes", str(num_processes), "--mixed_precision", "no", "--dynamo_backend", "no"]
     if num_processes > 1:
         command += ["--multi_gpu", "--main_process_port", str(free_port())]
-    full_env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(
-        command + args, env=full_env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
-    )
+    return command + args, {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", **(env or {})}
+
+
+def launch(args: list[str], num_processes: int = 2, env: dict | None = None, timeout: int = 600):
+    command, full_env = launch_command(args, num_processes, env)
+    return subprocess.run(command, env=full_env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
 def free_port() -> int:

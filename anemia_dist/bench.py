@@ -1,0 +1,326 @@
+"""``anemia-dist bench``: the seed-style input pipeline against this package's, and the model's rates.
+
+In one process, on the same images: the seed-style pipeline (PIL from disk every epoch, the
+methodology's transforms, a DataLoader) against the decoded-image cache plus batched
+augmentation on the device, with the same worker count and the same augmentation; then the
+training rate of phase 1 (frozen backbone) and phase 2 (layer4 unfrozen) against a
+forward-only pass of the same model; then whole phase-1 training steps fed by each pipeline.
+Without ``--data`` it writes its own JPEGs: 640×480 and 3000×4000 (12 MP phone photos).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from .cache import CachedImages, decode_all, working_size
+from .config import ModelConfig
+from .data import ImageDataset, Sample
+from .gpu_augment import TrainAugment
+from .images import IMAGE_EXTENSIONS
+from .model import build_model, optimizer_param_groups, set_train_mode, unfreeze
+from .transforms import train_transform
+
+BACKGROUND = (124, 116, 104)
+GENERATED_SETS = {"640x480": (640, 480), "3000x4000": (3000, 4000)}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", help="folder of images to use (searched recursively); default: generated JPEGs")
+    parser.add_argument("--output", default="bench.json", help="where to write the JSON results")
+    parser.add_argument("--arch", default="resnet50", choices=["resnet18", "resnet34", "resnet50", "resnet101"])
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=None,
+                        help="loader workers for both pipelines; default 0 on CPU (one core each), 8 on a GPU")
+    parser.add_argument("--small", type=int, default=64, help="generated 640x480 JPEGs")
+    parser.add_argument("--large", type=int, default=12, help="generated 3000x4000 JPEGs")
+    parser.add_argument("--seconds", type=float, default=3.0, help="minimum timed seconds per data measurement")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per model measurement")
+    parser.add_argument("--e2e-steps", type=int, default=20, help="timed end-to-end training steps per pipeline")
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default=None,
+                        help="default: bf16 autocast on a GPU that supports it, else fp32")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (model rates only)")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+
+
+@dataclass
+class DataResult:
+    set: str
+    images: int
+    seed_images_per_s: float
+    cached_images_per_s: float
+    ratio: float
+    cache_build_s: float
+    decoded: int
+
+
+@dataclass
+class ModelResult:
+    forward_images_per_s: float
+    phase1_images_per_s: float
+    phase2_images_per_s: float
+    phase1_vs_forward: float
+    phase2_vs_phase1: float
+
+
+@dataclass
+class EndToEndResult:
+    set: str
+    seed_images_per_s: float
+    cached_images_per_s: float
+    ratio: float
+
+
+# --------------------------------------------------------------------------- images
+
+
+def make_photos(folder: Path, count: int, size: tuple[int, int], seed: int) -> list[Sample]:
+    """JPEGs that compress and decode like photos: smooth colour fields plus sensor-like grain."""
+    rng = np.random.default_rng(seed)
+    grain = rng.integers(-10, 11, (256, 256, 3), dtype=np.int16)
+    width, height = size
+    tiled = np.tile(grain, (height // 256 + 1, width // 256 + 1, 1))[:height, :width]
+    folder.mkdir(parents=True, exist_ok=True)
+    samples = []
+    for i in range(count):
+        coarse = Image.fromarray(rng.integers(30, 226, (6, 8, 3), dtype=np.uint8))
+        smooth = np.asarray(coarse.resize(size, Image.Resampling.BICUBIC), dtype=np.int16)
+        path = folder / f"photo_{i:03d}.jpg"
+        Image.fromarray(np.clip(smooth + tiled, 0, 255).astype(np.uint8)).save(path, quality=90)
+        samples.append(Sample(str(path), i % 2, str(path)))
+    return samples
+
+
+def image_sets(args: argparse.Namespace, scratch: Path) -> dict[str, list[Sample]]:
+    if args.data is not None:
+        files = sorted(p for p in Path(args.data).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise FileNotFoundError(f"{args.data}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
+        return {Path(args.data).name: [Sample(str(p), i % 2, str(p)) for i, p in enumerate(files)]}
+    counts = {"640x480": args.small, "3000x4000": args.large}
+    return {
+        name: make_photos(scratch / name, counts[name], size, seed=i)
+        for i, (name, size) in enumerate(GENERATED_SETS.items())
+        if counts[name] > 0
+    }
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def rate(batches: Iterator[int], sync: Callable[[], None], min_seconds: float = 0.0, min_images: int = 0,
+         steps: int = 0, warmup: int = 1) -> float:
+    """Images/s after ``warmup`` untimed batches (worker start-up, first decode, kernel selection)."""
+    for _ in range(warmup):
+        next(batches)
+    sync()
+    start, seen, done = time.perf_counter(), 0, 0
+    for n in batches:
+        seen, done = seen + n, done + 1
+        if done >= steps and seen >= min_images and time.perf_counter() - start >= min_seconds:
+            break
+    sync()
+    elapsed = time.perf_counter() - start
+    batches.close()
+    return seen / elapsed
+
+
+def endless(loader: DataLoader, finish: Callable, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    while True:
+        for images, labels in loader:
+            yield finish(images.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
+
+
+def loader_for(dataset, args: argparse.Namespace, device: torch.device) -> DataLoader:
+    return DataLoader(
+        dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
+        pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
+    )
+
+
+def seed_loader(samples: list[Sample], args: argparse.Namespace, device: torch.device) -> DataLoader:
+    return loader_for(ImageDataset(samples, train_transform(args.image_size), BACKGROUND), args, device)
+
+
+def cached_loader(samples: list[Sample], args: argparse.Namespace, device: torch.device) -> tuple[DataLoader, float, int]:
+    started = time.perf_counter()
+    images, stats = decode_all([s.path for s in samples], working_size(args.image_size), BACKGROUND, args.workers)
+    built = time.perf_counter() - started
+    dataset = CachedImages(images, [s.label for s in samples], TrainAugment(args.image_size))
+    return loader_for(dataset, args, device), built, stats.decoded
+
+
+def data_rates(name: str, samples: list[Sample], args: argparse.Namespace, device: torch.device, sync) -> DataResult:
+    identity = torch.nn.Identity()
+    seed = rate((len(x) for x, _ in endless(seed_loader(samples, args, device), identity, device)), sync,
+                args.seconds, len(samples))
+    loader, built, decoded = cached_loader(samples, args, device)
+    cached = rate((len(x) for x, _ in endless(loader, loader.dataset.batch_transform, device)), sync,
+                  args.seconds, len(samples))
+    return DataResult(name, len(samples), seed, cached, cached / seed, built, decoded)
+
+
+class Trainer:
+    """The engine's step (class-weighted cross-entropy, Adam on the engine's parameter groups)
+    on one device, without Accelerate: phase 1 has the whole backbone frozen, phase 2 layer4 too."""
+
+    def __init__(self, args: argparse.Namespace, device: torch.device, precision: str):
+        self.model = build_model(ModelConfig(arch=args.arch, weights="none"), num_classes=2).to(device)
+        if args.compile:
+            self.model.compile()
+        groups = optimizer_param_groups(self.model, ["layer4"])
+        self.optimizer = torch.optim.Adam(groups, lr=1e-4, weight_decay=1e-4)
+        self.weights = torch.tensor([1.2, 0.8], device=device)
+        use_bf16 = precision == "bf16"
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+    def forward_only(self, images: torch.Tensor) -> None:
+        self.model.eval()
+        with torch.no_grad(), self.autocast:
+            self.model(images)
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        set_train_mode(self.model)
+        with self.autocast:
+            loss = F.cross_entropy(self.model(images), labels, weight=self.weights)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def unfreeze(self) -> None:
+        unfreeze(self.model, ["layer4"])
+
+
+def model_rates(trainer: Trainer, args: argparse.Namespace, device: torch.device, sync) -> ModelResult:
+    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+    images = images.contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, 2, (args.batch_size,), device=device)
+
+    def forward() -> Iterator[int]:
+        while True:
+            trainer.forward_only(images)
+            yield args.batch_size
+
+    def training() -> Iterator[int]:
+        while True:
+            trainer.step(images, labels)
+            yield args.batch_size
+
+    forward_rate = rate(forward(), sync, steps=args.steps, warmup=3)
+    phase1 = rate(training(), sync, steps=args.steps, warmup=3)
+    trainer.unfreeze()
+    phase2 = rate(training(), sync, steps=args.steps, warmup=3)
+    return ModelResult(forward_rate, phase1, phase2, phase1 / forward_rate, phase2 / phase1)
+
+
+def end_to_end(name: str, samples: list[Sample], args: argparse.Namespace, device: torch.device, sync) -> EndToEndResult:
+    """Phase-1 training steps fed by each pipeline (a fresh model each, same settings)."""
+
+    def run(loader: DataLoader, finish: Callable) -> float:
+        trainer = Trainer(args, device, args.precision)
+
+        def steps() -> Iterator[int]:
+            for images, labels in endless(loader, finish, device):
+                trainer.step(images, labels)
+                yield len(images)
+
+        return rate(steps(), sync, steps=args.e2e_steps, warmup=2)
+
+    seed = run(seed_loader(samples, args, device), torch.nn.Identity())
+    loader, _, _ = cached_loader(samples, args, device)
+    cached = run(loader, loader.dataset.batch_transform)
+    return EndToEndResult(name, seed, cached, cached / seed)
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def machine(device: torch.device) -> dict:
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    info = {"cpu": cpu, "cpu_cores": cores, "torch": torch.__version__, "device": str(device)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def table(results: dict) -> str:
+    c = results["config"]
+    lines = [
+        f"machine: {results['machine']}",
+        f"data path: {c['image_size']} px, batch {c['batch_size']}, {c['workers']} loader worker(s), "
+        f"{c['data_threads']} torch thread(s), same augmentation (images/s, steady state)",
+        f"  {'set':<12}{'images':>7}{'seed-style':>12}{'cached':>10}{'ratio':>9}   cache build",
+    ]
+    for r in results["data"]:
+        lines.append(
+            f"  {r['set']:<12}{r['images']:>7}{r['seed_images_per_s']:>12.1f}{r['cached_images_per_s']:>10.1f}"
+            f"{r['ratio']:>8.1f}x   {r['cache_build_s']:.2f} s ({r['decoded']} decoded, once)"
+        )
+    m = results["model"]
+    lines += [
+        f"model: {c['arch']}, {c['precision']}, batch {c['batch_size']}, channels_last, compile={c['compile']} (images/s)",
+        f"  forward only     {m['forward_images_per_s']:>9.1f}",
+        f"  phase 1 train    {m['phase1_images_per_s']:>9.1f}   {m['phase1_vs_forward']:.0%} of forward-only",
+        f"  phase 2 train    {m['phase2_images_per_s']:>9.1f}   {m['phase2_vs_phase1']:.2f}x phase 1",
+    ]
+    if results["end_to_end"]:
+        lines.append("end-to-end phase-1 training (images/s)")
+        for r in results["end_to_end"]:
+            lines.append(
+                f"  {r['set']:<12}seed-style {r['seed_images_per_s']:>8.1f}   cached {r['cached_images_per_s']:>8.1f}"
+                f"   {r['ratio']:.1f}x"
+            )
+    return "\n".join(lines)
+
+
+def run_bench(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.workers is None:
+        args.workers = 8 if device.type == "cuda" else 0
+    if args.precision is None:
+        args.precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    threads = torch.get_num_threads()
+    # On the CPU both pipelines get the same cores: the loader workers, or this one process.
+    data_threads = max(1, args.workers) if device.type == "cpu" else threads
+    config = {**{k: v for k, v in vars(args).items() if k != "func"}, "data_threads": data_threads}
+    results: dict = {"machine": machine(device), "config": config, "data": [], "model": None, "end_to_end": []}
+    with tempfile.TemporaryDirectory(prefix="anemia-bench-") as scratch:
+        sets = image_sets(args, Path(scratch))
+        torch.set_num_threads(data_threads)
+        for name, samples in sets.items():
+            results["data"].append(asdict(data_rates(name, samples, args, device, sync)))
+        torch.set_num_threads(threads)
+        results["model"] = asdict(model_rates(Trainer(args, device, args.precision), args, device, sync))
+        if args.e2e_steps > 0:
+            for name, samples in sets.items():
+                results["end_to_end"].append(asdict(end_to_end(name, samples, args, device, sync)))
+    return results
+
+
+def main(args: argparse.Namespace) -> int:
+    results = run_bench(args)
+    print(table(results))
+    Path(args.output).write_text(json.dumps(results, indent=2))
+    print(f"results written to {args.output}")
+    return 0

@@ -1,0 +1,194 @@
+"""Decode every image once: uint8 tensors at a working size, read by the loader workers.
+
+Medical datasets are small (hundreds to a few thousand images), so the whole decoded set fits
+in memory: at the default 224 px training size an image is 3 × 269 × 269 bytes (217 KB), 1,000
+images 0.2 GB. Each image is decoded once (JPEGs at a reduced DCT scale), composited onto the
+background, resized to a square a little larger than the training size (the augmentation
+zooms in by up to 1.2×) and kept as uint8; the random augmentation then runs on the training
+device (:mod:`anemia_dist.gpu_augment`). With ``data.cache_dir`` the decoded images are also
+stored on disk, keyed by the file's content hash, the working size and the background, so a
+later run (or another fold) starts without decoding.
+
+The loader workers read the same memory: forked workers share its pages (nothing writes to
+them, so nothing is copied), and under spawn torch's pickling moves it to shared memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from accelerate import PartialState
+from torch.utils.data import DataLoader, Dataset
+
+from .config import DataConfig
+from .data import DataError, SplitData
+from .gpu_augment import EvalResize, TrainAugment
+from .images import load_rgb
+
+WORKING_SCALE = 1.2
+"""Working size / training size: at the largest zoom of the augmentation (scale 1.2) the
+training image still samples one stored pixel per output pixel."""
+FORMAT_VERSION = 1
+"""Part of every disk key: bump it when decoding changes, and old entries are ignored."""
+
+
+def working_size(image_size: int) -> int:
+    return math.ceil(image_size * WORKING_SCALE)
+
+
+def content_key(path: str | Path, size: int, background: Sequence[int]) -> str:
+    """The disk-cache key: the file's SHA-256, plus everything that changes the decoded pixels."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    r, g, b = background
+    return f"{digest.hexdigest()}-{size}px-bg{r}.{g}.{b}-v{FORMAT_VERSION}"
+
+
+def decode(path: str | Path, size: int, background: Sequence[int]) -> torch.Tensor:
+    """One file -> uint8 [3, size, size], resized like torchvision's ``Resize((size, size))``."""
+    try:
+        image = load_rgb(path, tuple(background), min_side=size)
+    except OSError as error:
+        raise DataError(f"{path}: cannot decode this image ({error}); fix or remove the file") from None
+    array = np.asarray(image.resize((size, size), Image.Resampling.BILINEAR))
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+@dataclass
+class CacheStats:
+    decoded: int = 0
+    """Images decoded from their files."""
+    from_disk: int = 0
+    """Images read from ``cache_dir``."""
+    written: int = 0
+    """New ``cache_dir`` entries."""
+
+
+class _DecodeOrLoad(Dataset):
+    """Loader-worker job: read the image from the disk cache if present, else decode it."""
+
+    def __init__(self, paths: Sequence[str], size: int, background: Sequence[int], cache_dir: Optional[Path]):
+        self.paths, self.size, self.background, self.cache_dir = list(paths), size, tuple(background), cache_dir
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Optional[str], bool]:
+        path = self.paths[index]
+        key = content_key(path, self.size, self.background) if self.cache_dir is not None else None
+        if key is not None:
+            stored = _read_entry(self.cache_dir / f"{key}.npy", self.size)
+            if stored is not None:
+                return stored, key, False
+        return decode(path, self.size, self.background), key, True
+
+
+def _read_entry(path: Path, size: int) -> Optional[torch.Tensor]:
+    """A stored image, or None when absent or unusable (it is then decoded and rewritten)."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    if array.dtype != np.uint8 or array.shape != (3, size, size):
+        return None
+    return torch.from_numpy(array)
+
+
+def _write_entry(directory: Path, key: str, image: torch.Tensor) -> None:
+    """Atomic: a reader (or a crash) never sees half a file."""
+    target = directory / f"{key}.npy"
+    tmp = directory / f".{key}.tmp-{os.getpid()}.npy"
+    np.save(tmp, image.numpy(), allow_pickle=False)
+    os.replace(tmp, target)
+
+
+def decode_all(
+    paths: Sequence[str],
+    size: int,
+    background: Sequence[int],
+    num_workers: int = 0,
+    cache_dir: Optional[str | Path] = None,
+    write: bool = True,
+) -> tuple[torch.Tensor, CacheStats]:
+    """Every image of ``paths`` as one uint8 tensor [N, 3, size, size].
+
+    Decoding runs in ``num_workers`` loader processes. With ``cache_dir``, stored images are read
+    instead of decoded, and (when ``write``) newly decoded ones are stored.
+    """
+    directory = Path(cache_dir) if cache_dir is not None else None
+    if directory is not None and write:
+        directory.mkdir(parents=True, exist_ok=True)
+    images = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
+    stats = CacheStats()
+    jobs = _DecodeOrLoad(paths, size, background, directory)
+    loader = DataLoader(jobs, batch_size=None, num_workers=min(num_workers, len(paths)))
+    for index, (image, key, decoded) in enumerate(loader):
+        images[index] = image
+        if not decoded:
+            stats.from_disk += 1
+            continue
+        stats.decoded += 1
+        if directory is not None and write:
+            _write_entry(directory, key, image)
+            stats.written += 1
+    return images, stats
+
+
+class CachedImages(Dataset):
+    """(uint8 image [3, W, W], label) pairs from the decoded tensor.
+
+    ``batch_transform`` finishes a collated batch on the training device (augmentation or
+    resize, then normalisation); the engine applies it after the batch is moved there.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: Sequence[int], batch_transform: Callable):
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images = images
+        self.labels = torch.as_tensor(list(labels), dtype=torch.long)
+        self.batch_transform = batch_transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[index], self.labels[index]
+
+
+def cached_datasets(cfg: DataConfig, split: SplitData, channels_last: bool) -> tuple[CachedImages, CachedImages]:
+    """The training and validation sets from one decode pass over both.
+
+    Every process holds its own copy in memory. With ``data.cache_dir`` the main process decodes
+    and writes first while the others wait, then they read its entries (only the main process
+    writes files); without it, every process decodes for itself.
+    """
+    state = PartialState()
+    size = working_size(cfg.image_size)
+    paths = [s.path for s in [*split.train, *split.val]]
+    if cfg.cache_dir is None:
+        images, stats = decode_all(paths, size, cfg.alpha_background, cfg.num_workers)
+    else:
+        with state.main_process_first():
+            images, stats = decode_all(
+                paths, size, cfg.alpha_background, cfg.num_workers, cfg.cache_dir, write=state.is_main_process
+            )
+    stored = f", {stats.from_disk} read from {cfg.cache_dir}" if cfg.cache_dir is not None else ""
+    state.print(
+        f"decoded-image cache: {len(paths)} images at {size}x{size}, {images.numel() / 2**20:.1f} MiB "
+        f"per process; {stats.decoded} decoded{stored}"
+    )
+    n = len(split.train)
+    return (
+        CachedImages(images[:n], [s.label for s in split.train], TrainAugment(cfg.image_size, channels_last)),
+        CachedImages(images[n:], [s.label for s in split.val], EvalResize(cfg.image_size, channels_last)),
+    )

@@ -1,0 +1,232 @@
+"""Using a saved model (``RUN/best``): ``evaluate`` on labelled images, ``predict`` on image files.
+
+Both read the preprocessing (image size, alpha background), the positive class, the operating
+threshold and the temperature from ``best/meta.json``, so nothing is re-tuned on the data at hand.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence, TextIO
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from . import checkpoint
+from .config import Config, ConfigError, load_config, parse_override
+from .data import DataError, ImageDataset, Sample, load_source
+from .engine import validate
+from .evaluation import OperatingPoint, apply_temperature, negative_name, summarize
+from .images import IMAGE_EXTENSIONS
+from .report import write_report
+from .reporting import read_metrics
+from .transforms import eval_transform
+
+# Settings that belong to the model: evaluating with other values would not test the saved model.
+FROM_CHECKPOINT = {"data.image_size", "data.alpha_background", "data.classes", "data.root", "data.manifest"}
+
+
+def load_model(directory: str | Path) -> tuple[torch.nn.Module, dict[str, Any], OperatingPoint]:
+    model, meta = checkpoint.load_best(Path(directory))
+    return model, meta, OperatingPoint.from_meta(meta, str(Path(directory) / checkpoint.META_FILE))
+
+
+def model_inputs(samples: Sequence[Sample], meta: dict[str, Any]) -> ImageDataset:
+    """The images as the model saw its validation images during training."""
+    return ImageDataset(samples, eval_transform(meta["image_size"]), meta["alpha_background"])
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+def evaluation_config(data: str | Path, overrides: Sequence[str]) -> Config:
+    """``data.*`` overrides say how to read ``data`` (manifest columns, label rule, workers);
+    ``eval.bootstrap`` sets the resamples. Everything else comes from the checkpoint."""
+    for override in overrides:
+        key, _ = parse_override(override)
+        if key in FROM_CHECKPOINT or not (key.startswith("data.") or key == "eval.bootstrap"):
+            raise ConfigError(
+                f"{key}: evaluate takes only data.* keys saying how to read --data, and eval.bootstrap; the "
+                f"images come from --data, and the preprocessing, classes, positive class, threshold and "
+                f"temperature from the checkpoint's meta.json"
+            )
+    cfg = load_config(None, overrides)
+    data = Path(data)
+    if data.is_file():
+        cfg.data = dataclasses.replace(cfg.data, manifest=str(data))
+    elif data.is_dir():
+        cfg.data = dataclasses.replace(cfg.data, root=str(data))
+    else:
+        raise DataError(f"{data}: --data must be an image folder (one sub-folder per class) or a manifest CSV")
+    return cfg
+
+
+def evaluate(
+    checkpoint_dir: str | Path,
+    data: str | Path,
+    overrides: Sequence[str] = (),
+    batch_size: int = 64,
+    out: Optional[str | Path] = None,
+    report_dir: Optional[str | Path] = None,
+    split: Optional[str] = None,
+) -> Optional[dict[str, Any]]:
+    """Metrics with intervals at the saved operating point; the record on the main process, else None.
+
+    Runs on 1..N processes: ``engine.validate`` gathers every image's probabilities exactly once,
+    so the numbers do not depend on the number of processes. ``split`` keeps the manifest rows
+    whose split column holds it (e.g. ``val`` of a run's splits.csv).
+    """
+    cfg = evaluation_config(data, overrides)
+    accelerator = Accelerator()
+    model, meta, point = load_model(checkpoint_dir)
+    samples, classes = load_source(cfg.data.root, cfg.data.manifest, meta["classes"], cfg.data.group_column, cfg.data)
+    if split is not None:
+        samples = [s for s in samples if s.split == split]
+        if not samples:
+            raise DataError(f"{data}: no rows with split {split!r}; --split needs a manifest with a split column")
+    missing = [s.path for s in samples if not Path(s.path).is_file()]
+    if missing:
+        listed = "\n  ".join(missing[:20]) + ("\n  ..." if len(missing) > 20 else "")
+        raise DataError(
+            f"{data}: {len(missing)} listed image(s) do not exist:\n  {listed}\nFix the paths or remove the rows."
+        )
+    loader = DataLoader(
+        model_inputs(samples, meta),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=cfg.data.num_workers,
+        pin_memory=accelerator.device.type == "cuda",
+    )
+    model = accelerator.prepare_model(model, evaluation_mode=True)
+    loader = accelerator.prepare_data_loader(loader)
+    accelerator.print(
+        f"evaluating {checkpoint_dir} on {len(samples)} images from {data}, {accelerator.num_processes} process(es)"
+    )
+    gathered = validate(accelerator, model, loader, torch.ones(len(classes)))
+
+    record = None
+    if accelerator.is_main_process:
+        groups = [s.group for s in samples]
+        evaluation = summarize(gathered.labels, gathered.probs, classes, point, cfg.eval.bootstrap, groups)
+        record = {"checkpoint": str(checkpoint_dir), "data": str(data), **evaluation.result}
+        report = Path(report_dir) if report_dir else default_report_dir(out)
+        report.mkdir(parents=True, exist_ok=True)
+        write_sample_predictions(report / "predictions.csv", samples, classes, evaluation.pred.score, point)
+        notes = [
+            f"Data: {data}. Model: {checkpoint_dir} (epoch {meta.get('epoch')}).",
+            f"The threshold {point.threshold:.4f} ({point.threshold_rule}) and the temperature {point.temperature:.3f} "
+            f"were fixed on the validation split during training, not tuned on this data.",
+        ]
+        rows = read_metrics(Path(checkpoint_dir).resolve().parent)
+        page = write_report(report, f"Evaluation on {Path(data).name}", evaluation, notes, rows)
+        record["report"] = str(page)
+        if out is not None:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            Path(out).write_text(json.dumps(record, indent=2) + "\n")
+    accelerator.wait_for_everyone()
+    return record
+
+
+def default_report_dir(out: Optional[str | Path]) -> Path:
+    """``FILE_report/`` next to ``--out FILE``, else ``evaluation_report/`` here."""
+    return Path(out).with_name(Path(out).stem + "_report") if out else Path("evaluation_report")
+
+
+def write_sample_predictions(
+    path: Path, samples: Sequence[Sample], classes: Sequence[str], scores: np.ndarray, point: OperatingPoint
+) -> None:
+    negative = negative_name(classes, point.positive_class)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "group", "probability", "prediction"])
+        for sample, score in zip(samples, scores):
+            decision = point.positive_class if score >= point.threshold else negative
+            writer.writerow([sample.path, classes[sample.label], sample.group, f"{score:.6f}", decision])
+
+
+# --------------------------------------------------------------------------- predict
+
+
+def find_images(inputs: Sequence[str | Path]) -> list[Path]:
+    """Files as given, and every image file under each folder (recursively, sorted)."""
+    found, absent = [], []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        elif item.is_file():
+            found.append(item)
+        else:
+            absent.append(str(item))
+    if absent:
+        raise FileNotFoundError(f"no such file or folder: {', '.join(absent)}")
+    if not found:
+        raise DataError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {', '.join(map(str, inputs))}")
+    return found
+
+
+class ReadOrReport(Dataset):
+    """The evaluation preprocessing, with a file that cannot be decoded reported instead of raised."""
+
+    def __init__(self, images: ImageDataset, size: int):
+        self.images = images
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        try:
+            return self.images[index][0], ""
+        except Exception as error:  # any decoding failure belongs to this file, not to the run
+            return torch.zeros(3, self.size, self.size), f"{type(error).__name__}: {error}"
+
+
+@torch.no_grad()
+def predict(
+    checkpoint_dir: str | Path, inputs: Sequence[str | Path], batch_size: int = 64, num_workers: int = 4
+) -> list[dict[str, Any]]:
+    """One row per file: P(positive class) and the decision at the saved threshold, or the read error."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(
+            "predict runs in one process (on the GPU when there is one); start it without accelerate launch"
+        )
+    model, meta, point = load_model(checkpoint_dir)
+    paths = find_images(inputs)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    images = model_inputs([Sample(str(p), 0, str(p)) for p in paths], meta)
+    loader = DataLoader(
+        ReadOrReport(images, meta["image_size"]),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    positive = meta["classes"].index(point.positive_class)
+    negative = negative_name(meta["classes"], point.positive_class)
+    scores, errors = [], []
+    for batch, batch_errors in tqdm(loader, desc="predict", file=sys.stderr):
+        probs = model(batch.to(device, non_blocking=True)).float().softmax(dim=1).double().cpu().numpy()
+        scores.append(apply_temperature(probs, point.temperature)[:, positive])
+        errors += batch_errors
+    rows = []
+    for path, score, error in zip(paths, np.concatenate(scores), errors):
+        if error:
+            rows.append({"path": str(path), "probability": "", "prediction": "", "error": error})
+        else:
+            decision = point.positive_class if score >= point.threshold else negative
+            rows.append({"path": str(path), "probability": f"{score:.6f}", "prediction": decision, "error": ""})
+    return rows
+
+
+def write_predictions(rows: Sequence[dict[str, Any]], handle: TextIO) -> None:
+    writer = csv.DictWriter(handle, fieldnames=["path", "probability", "prediction", "error"])
+    writer.writeheader()
+    writer.writerows(rows)

@@ -1,0 +1,148 @@
+"""The data audit: every kind of bad file, exact and near duplicates, label conflicts, the report."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from anemia_dist.audit import AuditReport, near_pairs
+from anemia_dist.cli import main
+from anemia_dist.config import DataConfig
+from anemia_dist.data import audit_data
+from conftest import make_image_folder
+
+BAD = {
+    "empty.png": "empty",
+    "cut.png": "truncated",
+    "cut.jpg": "truncated",
+    "notes.jpg": "not_image",
+    "tiny.png": "too_small",
+}
+
+
+def encoded(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def add_bad_files(root: Path) -> None:
+    """One file of each kind in :data:`BAD`, spread over the class folders of ``root``."""
+    picture = Image.fromarray(np.random.default_rng(7).integers(0, 255, (40, 40, 3), dtype=np.uint8))
+    png, jpg = encoded(picture, "PNG"), encoded(picture, "JPEG")
+    (root / "anemic" / "empty.png").write_bytes(b"")
+    (root / "anemic" / "cut.png").write_bytes(png[: len(png) // 2])
+    (root / "non-anemic" / "cut.jpg").write_bytes(jpg[: len(jpg) * 2 // 3])
+    (root / "non-anemic" / "notes.jpg").write_text("haemoglobin 9.8 g/dL, left eye\n")
+    Image.new("RGB", (8, 8), (200, 60, 60)).save(root / "anemic" / "tiny.png")
+
+
+def smooth_picture(seed: int, size: int = 64) -> Image.Image:
+    """A smooth random field: structure a perceptual hash can see (pure noise has none)."""
+    coarse = np.random.default_rng(seed).integers(0, 255, (6, 6, 3), dtype=np.uint8)
+    return Image.fromarray(coarse).resize((size, size), Image.Resampling.BICUBIC)
+
+
+def audit(root: Path, **settings) -> AuditReport:
+    return audit_data(DataConfig(root=str(root), **settings))[2]
+
+
+def by_name(report: AuditReport) -> dict[str, str]:
+    return {Path(c.path).name: c.problem for c in report.checks if c.problem}
+
+
+def test_audit_names_each_kind_of_bad_file_and_passes_the_good_ones(tmp_path):
+    root = make_image_folder(tmp_path / "data", {"anemic": 5, "non-anemic": 5})
+    add_bad_files(root)
+    report = audit(root)
+    assert by_name(report) == BAD
+    assert len(report.checks) == 15 and len(report.bad) == 5
+    good = [c for c in report.checks if c.problem is None]
+    assert all(c.width == 24 and len(c.dhash) == 32 and len(c.sha256) == 64 for c in good)
+    assert report.summary()["class_counts_without_bad_files"] == {"anemic": 5, "non-anemic": 5}
+
+
+def test_min_size_sets_what_counts_as_too_small(tmp_path):
+    root = make_image_folder(tmp_path / "data", {"anemic": 2, "non-anemic": 2})
+    assert by_name(audit(root, min_size=24)) == {}
+    assert set(by_name(audit(root, min_size=25)).values()) == {"too_small"}
+
+
+def test_manifest_row_for_a_missing_file_is_reported_not_dropped(tmp_path):
+    make_image_folder(tmp_path, {"anemic": 2, "non-anemic": 2})
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label\nanemic/img_000.png,anemic\nanemic/gone.png,anemic\nnon-anemic/img_000.png,non-anemic\n")
+    report = audit_data(DataConfig(manifest=str(manifest)))[2]
+    assert by_name(report) == {"gone.png": "missing"} and len(report.checks) == 3
+
+
+def test_byte_identical_copies_form_one_group_and_opposite_labels_conflict(tmp_path):
+    root = make_image_folder(tmp_path / "data", {"anemic": 4, "non-anemic": 4})
+    shutil.copy(root / "anemic" / "img_000.png", root / "anemic" / "copy.png")
+    shutil.copy(root / "anemic" / "img_000.png", root / "non-anemic" / "copy.png")
+    shutil.copy(root / "non-anemic" / "img_001.png", root / "non-anemic" / "same-label-copy.png")
+    report = audit(root)
+    groups = sorted(sorted(str(Path(report.checks[i].path).relative_to(root)) for i in g) for g in report.exact_groups)
+    assert groups == [
+        ["anemic/copy.png", "anemic/img_000.png", "non-anemic/copy.png"],
+        ["non-anemic/img_001.png", "non-anemic/same-label-copy.png"],
+    ]
+    assert [(scope, len(report.exact_groups[i])) for scope, i in report.conflicts] == [("exact", 3)]
+
+
+def test_reencoded_resized_copy_is_a_near_duplicate_and_a_different_picture_is_not(tmp_path):
+    root = make_image_folder(tmp_path / "data", {"anemic": 3, "non-anemic": 3})
+    original = smooth_picture(1)
+    original.save(root / "anemic" / "eye.png")
+    (root / "anemic" / "eye-again.jpg").write_bytes(encoded(original.resize((52, 52)), "JPEG", quality=80))
+    smooth_picture(2).save(root / "non-anemic" / "other-eye.png")
+    report = audit(root)
+    assert [sorted(Path(report.checks[i].path).name for i in g) for g in report.near_groups] == [["eye-again.jpg", "eye.png"]]
+    assert report.exact_groups == [] and report.conflicts == []
+    assert audit(root, near_duplicate_distance=None).near_groups == []
+
+
+def test_near_pairs_finds_exactly_the_pairs_within_the_distance():
+    rng = np.random.default_rng(0)
+    hashes = [rng.integers(0, 256, 32, dtype=np.uint8) for _ in range(130)]  # more than one block
+    hashes[129] = hashes[3].copy()
+    hashes[129][0] ^= 0b111  # 3 bits apart
+    hashes[70] = hashes[5].copy()
+    hashes[70][:4] ^= 0xFF  # 32 bits apart
+    pairs = near_pairs([h.tobytes() for h in hashes], max_distance=3)
+    assert pairs == [(3, 129)]
+    assert (5, 70) in near_pairs([h.tobytes() for h in hashes], max_distance=32)
+
+
+def test_report_lists_every_finding_with_its_path_and_the_counts(tmp_path):
+    root = make_image_folder(tmp_path / "data", {"anemic": 4, "non-anemic": 4})
+    add_bad_files(root)
+    shutil.copy(root / "anemic" / "img_000.png", root / "non-anemic" / "copy.png")
+    audit(root).write(tmp_path / "report")
+    with (tmp_path / "report" / "audit.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    found = {(r["kind"], Path(r["path"]).name) for r in rows}
+    assert {(kind, name) for name, kind in BAD.items()} <= found
+    assert {("exact_duplicate", "img_000.png"), ("exact_duplicate", "copy.png")} <= found
+    assert {("conflicting_labels", "img_000.png"), ("conflicting_labels", "copy.png")} <= found
+    assert all(Path(r["path"]).exists() for r in rows)
+    counts = json.loads((tmp_path / "report" / "audit.json").read_text())
+    assert counts["class_counts"] == {"anemic": 7, "non-anemic": 7} and counts["bad_files"] == 5
+    assert counts["bad_by_kind"] == {"empty": 1, "not_image": 1, "too_small": 1, "truncated": 2}
+
+
+def test_audit_data_command_writes_the_report_and_fails_only_when_training_would_stop(tmp_path, capsys):
+    root = make_image_folder(tmp_path / "data", {"anemic": 4, "non-anemic": 4})
+    assert main(["audit-data", f"data.root={root}", "--out", str(tmp_path / "clean")]) == 0
+    assert (tmp_path / "clean" / "audit.csv").is_file()
+    add_bad_files(root)
+    assert main(["audit-data", f"data.root={root}", "--out", str(tmp_path / "bad")]) == 1
+    err = capsys.readouterr().err
+    assert all(name in err for name in BAD) and "data.bad_files=skip" in err
+    assert main(["audit-data", f"data.root={root}", "data.bad_files=skip", "--out", str(tmp_path / "skip")]) == 0

@@ -1,0 +1,56 @@
+"""The audit and the splits on the real CP-AnemiC copy (skipped where it is absent)."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from anemia_dist.config import load_config
+from anemia_dist.data import audit_data, build_split
+
+
+def cp_config(cp_anemic: Path, *overrides: str):
+    return load_config("cp_anemic", [f"data.manifest={cp_anemic / 'Anemia_Data_Collection_Sheet.csv'}", *overrides]).data
+
+
+def names(report, group) -> set[str]:
+    return {Path(report.checks[i].path).stem for i in group}
+
+
+def test_audit_finds_the_82_copy_groups_and_the_pair_with_opposite_labels(cp_anemic):
+    _, _, report = audit_data(cp_config(cp_anemic))
+    summary = report.summary()
+    assert (summary["files"], summary["bad_files"], summary["distinct_images"]) == (615, 0, 444)
+    assert (summary["exact_duplicate_groups"], summary["exact_duplicate_files"]) == (82, 253)
+    assert max(map(len, report.exact_groups)) == 10
+    conflicts = [names(report, report.exact_groups[i]) for scope, i in report.conflicts if scope == "exact"]
+    assert conflicts == [{"Image_188", "Image_310"}]
+    assert summary["class_counts"] == {"Anemic": 374, "Non-anemic": 241}
+
+
+def test_labels_from_hb_below_11_match_the_class_folders(cp_anemic):
+    _, _, report = audit_data(cp_config(cp_anemic))
+    assert [Path(c.path).parent.name for c in report.checks] == report.labels
+
+
+def test_no_duplicate_group_spans_two_splits_in_any_fold(cp_anemic):
+    seen = Counter()
+    for fold in range(5):
+        split = build_split(cp_config(cp_anemic, f"data.fold={fold}"), seed=42)
+        side = {s.path: name for name, part in (("train", split.train), ("val", split.val)) for s in part}
+        report = split.audit
+        for group in report.exact_groups + report.near_groups:
+            assert len({side[report.checks[i].path] for i in group}) == 1, names(report, group)
+        seen.update(s.path for s in split.val)
+    assert len(seen) == 615 and set(seen.values()) == {1}, "the 5 validation folds partition the data"
+
+
+def test_site_held_out_folds_keep_one_copy_and_hold_out_whole_hospitals(cp_anemic):
+    held_out = defaultdict(list)
+    for fold in range(5):
+        split = build_split(cp_config(cp_anemic, "data.site_column=HOSPITAL", "data.duplicates=first", f"data.fold={fold}"), seed=42)
+        assert {s.site for s in split.train}.isdisjoint({s.site for s in split.val})
+        for site in {s.site for s in split.val}:
+            held_out[site].append(fold)
+        assert Counter(e.reason for e in split.excluded) == {"duplicate_copy": 188, "conflicting_labels": 2}
+    assert len(held_out) == 9 and all(len(folds) == 1 for folds in held_out.values())

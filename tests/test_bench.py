@@ -1,0 +1,98 @@
+"""``anemia-dist bench`` and the training-speed habits it measures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from conftest import ROOT, check, make_image_folder
+from anemia_dist.bench import make_photos
+from anemia_dist.config import ModelConfig
+from anemia_dist.model import build_model, optimizer_param_groups, set_train_mode, unfreeze
+
+TINY_BENCH = ["--arch", "resnet18", "--image-size", "32", "--batch-size", "4", "--seconds", "0",
+              "--steps", "1", "--e2e-steps", "1"]
+
+
+def run_bench(tmp_path, *args: str) -> tuple[str, dict]:
+    output = tmp_path / "bench.json"
+    result = check(subprocess.run(
+        [sys.executable, "-m", "anemia_dist", "bench", *TINY_BENCH, "--output", str(output), *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    ))
+    return result.stdout, json.loads(output.read_text())
+
+
+def test_generated_photos_are_jpegs_of_the_requested_size(tmp_path):
+    samples = make_photos(tmp_path, 2, (640, 480), seed=0)
+    for sample in samples:
+        with Image.open(sample.path) as image:
+            assert (image.format, image.size) == ("JPEG", (640, 480))
+
+
+def test_bench_compares_both_pipelines_and_both_phases_in_one_run(tmp_path):
+    stdout, results = run_bench(tmp_path, "--small", "6", "--large", "1")
+    assert [r["set"] for r in results["data"]] == ["640x480", "3000x4000"]
+    assert [r["images"] for r in results["data"]] == [6, 1]
+    for row in results["data"]:
+        assert row["seed_images_per_s"] > 0 and row["cached_images_per_s"] > 0
+        assert row["ratio"] == row["cached_images_per_s"] / row["seed_images_per_s"]
+        assert row["decoded"] == row["images"], "the cache decodes each image once"
+    model = results["model"]
+    assert model["phase1_vs_forward"] == model["phase1_images_per_s"] / model["forward_images_per_s"]
+    assert model["phase2_vs_phase1"] == model["phase2_images_per_s"] / model["phase1_images_per_s"]
+    assert [r["set"] for r in results["end_to_end"]] == ["640x480", "3000x4000"]
+    assert results["config"]["workers"] == 0 and results["machine"]["device"] == "cpu"
+    for words in ("seed-style", "cached", "forward only", "phase 1 train", "phase 2 train", "end-to-end"):
+        assert words in stdout
+
+
+def test_bench_on_given_images_uses_them_as_one_set(tmp_path):
+    folder = make_image_folder(tmp_path / "mine", {"a": 3, "b": 2})
+    _, results = run_bench(tmp_path, "--data", str(folder), "--e2e-steps", "0")
+    assert [(r["set"], r["images"]) for r in results["data"]] == [("mine", 5)]
+    assert results["end_to_end"] == []
+
+
+def phase_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    set_train_mode(model)
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 0, 1])
+    F.cross_entropy(model(images), labels).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def test_phase_one_builds_no_autograd_graph_through_the_frozen_backbone():
+    # Frozen weights and an input without grad: autograd records nothing before the head, so the
+    # backbone's activations are freed as it goes; after the unfreeze the graph starts at layer4.
+    model = build_model(ModelConfig(arch="resnet18", weights="none", hidden=16), 2)
+    optimizer = torch.optim.Adam(optimizer_param_groups(model, ["layer4"]), lr=1e-3)
+    seen: dict[str, bool] = {}
+    for name in ("layer3", "layer4"):
+        getattr(model, name).register_forward_hook(lambda m, i, out, name=name: seen.__setitem__(name, out.requires_grad))
+    phase_step(model, optimizer)
+    assert seen == {"layer3": False, "layer4": False}
+    unfreeze(model, ["layer4"])
+    phase_step(model, optimizer)
+    assert seen == {"layer3": False, "layer4": True}
+
+
+def test_compiled_model_trains_layer4_after_the_unfreeze():
+    # train.compile compiles in place; the unfreeze must reach the compiled graph (a guard on
+    # requires_grad recompiles it). aot_eager traces like inductor without generating C++.
+    model = build_model(ModelConfig(arch="resnet18", weights="none", hidden=16), 2)
+    model.compile(backend="aot_eager")
+    optimizer = torch.optim.Adam(optimizer_param_groups(model, ["layer4"]), lr=1e-3)
+    layer4 = model.layer4[0].conv1.weight
+    before = layer4.detach().clone()
+    phase_step(model, optimizer)
+    assert torch.equal(layer4, before)
+    unfreeze(model, ["layer4"])
+    phase_step(model, optimizer)
+    assert not torch.equal(layer4, before)
+    assert next(iter(model.state_dict())) == "conv1.weight", "checkpoint keys unchanged by compiling"

@@ -1,0 +1,142 @@
+"""``anemia-dist predict`` and ``anemia-dist evaluate`` on a saved (random-init) model."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from anemia_dist import checkpoint
+from anemia_dist.cli import main
+from anemia_dist.config import ConfigError, ModelConfig
+from anemia_dist.evaluation import METRICS, OperatingPoint
+from anemia_dist.model import build_model
+from anemia_dist.predict import evaluate, predict
+from conftest import check, launch, make_image_folder, make_manifest
+
+
+def make_best(directory: Path, classes: list[str], threshold: float = 0.5, temperature: float = 1.0) -> Path:
+    """A best/ directory as training writes it, with random weights."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="resnet18", weights="none", hidden=16)
+    meta = {
+        "arch": cfg.arch,
+        "classes": classes,
+        "image_size": 32,
+        "alpha_background": [124, 116, 104],
+        "hidden": cfg.hidden,
+        "dropout": cfg.dropout,
+        "epoch": 1,
+        **OperatingPoint(classes[0], threshold, "fixed", temperature).to_meta(),
+    }
+    checkpoint.save_best(build_model(cfg, len(classes)), directory, meta)
+    return directory
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_predict_lists_a_corrupt_file_and_scores_the_rest(tmp_path, capsys):
+    best = make_best(tmp_path / "best", ["anemic", "non-anemic"], threshold=0.5)
+    folder = make_image_folder(tmp_path / "images", {"a": 5, "b": 4})
+    (folder / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    (folder / "notes.txt").write_text("not an image, not listed")
+    out = tmp_path / "preds.csv"
+    assert main(["predict", "--checkpoint", str(best), str(folder), "--out", str(out), "--batch-size", "4", "--num-workers", "0"]) == 0
+    rows = read_csv(out)
+    assert len(rows) == 10
+    broken = [r for r in rows if r["path"].endswith("broken.png")]
+    assert len(broken) == 1 and broken[0]["error"] and broken[0]["probability"] == ""
+    scored = [r for r in rows if not r["error"]]
+    assert len(scored) == 9
+    for row in scored:
+        probability = float(row["probability"])
+        assert 0.0 <= probability <= 1.0
+        assert row["prediction"] == ("anemic" if probability >= 0.5 else "non-anemic")
+    assert "broken.png" in capsys.readouterr().err
+
+
+def test_predict_and_evaluate_see_the_same_images(tmp_path):
+    """Same preprocessing (RGBA compositing, resize, normalisation), same temperature, same threshold."""
+    best = make_best(tmp_path / "best", ["anemic", "non-anemic"], threshold=0.47, temperature=2.0)
+    manifest = make_manifest(tmp_path / "data", {"anemic": 6, "non-anemic": 5})
+    record = evaluate(best, manifest, ["data.num_workers=0", "eval.bootstrap=100"], batch_size=4, report_dir=tmp_path / "rep")
+    evaluated = {r["path"]: r for r in read_csv(tmp_path / "rep" / "predictions.csv")}
+    predicted = predict(best, [tmp_path / "data"], batch_size=3, num_workers=0)
+    assert len(predicted) == len(evaluated) == record["n"] == 11
+    for row in predicted:
+        match = evaluated[row["path"]]
+        assert float(row["probability"]) == pytest.approx(float(match["probability"]), abs=1e-6)
+        assert row["prediction"] == match["prediction"]
+    assert record["temperature"] == 2.0 and record["threshold"] == 0.47
+
+
+def test_evaluate_record_has_every_metric_with_an_interval(tmp_path):
+    best = make_best(tmp_path / "best", ["anemic", "non-anemic"])
+    manifest = make_manifest(tmp_path / "data", {"anemic": 8, "non-anemic": 8}, per_group=2)
+    out = tmp_path / "eval" / "test.json"
+    assert main(["evaluate", "--checkpoint", str(best), "--data", str(manifest), "--out", str(out),
+                 "--batch-size", "4", "data.num_workers=0", "eval.bootstrap=200"]) == 0
+    record = json.loads(out.read_text())
+    for name in METRICS:
+        assert name in record and set(record["ci"][name]) == {"low", "high", "method"}
+    assert record["n"] == 16 and record["n_patients"] == 8 and record["positive_class"] == "anemic"
+    assert record["ci"]["sensitivity"]["method"] == "bootstrap over patients"
+    cm = record["confusion_matrix"]
+    assert sum(cm.values()) == 16 and cm["true_positive"] + cm["false_negative"] == 8
+    assert Path(record["report"]) == tmp_path / "eval" / "test_report" / "report.html"
+
+
+def test_evaluate_refuses_to_retune_the_operating_point(tmp_path, capsys):
+    best = make_best(tmp_path / "best", ["anemic", "non-anemic"])
+    folder = make_image_folder(tmp_path / "data", {"anemic": 2, "non-anemic": 2})
+    with pytest.raises(ConfigError, match="eval.threshold_rule: evaluate takes only data"):
+        evaluate(best, folder, ["eval.threshold_rule=youden"])
+    assert main(["evaluate", "--checkpoint", str(best), "--data", str(folder), "data.image_size=64"]) == 2
+    assert "data.image_size: evaluate takes only data" in capsys.readouterr().err
+
+
+def test_evaluate_without_a_saved_threshold_is_a_clear_error(tmp_path):
+    best = make_best(tmp_path / "best", ["anemic", "non-anemic"])
+    meta = json.loads((best / "meta.json").read_text())
+    del meta["threshold"]
+    (best / "meta.json").write_text(json.dumps(meta))
+    folder = make_image_folder(tmp_path / "data", {"anemic": 2, "non-anemic": 2})
+    with pytest.raises(ConfigError, match="meta.json has no threshold"):
+        evaluate(best, folder)
+
+
+@pytest.mark.multiprocess
+def test_evaluate_on_two_processes_gives_the_one_process_numbers(tmp_path):
+    """13 + 10 images in batches of 4 on 2 ranks: the sampler pads the last batch; patients have 2 images."""
+    best = make_best(tmp_path / "best", ["anemic", "non-anemic"])
+    manifest = make_manifest(tmp_path / "data", {"anemic": 13, "non-anemic": 10}, per_group=2)
+    records = {}
+    for processes in (1, 2):
+        out = tmp_path / f"eval{processes}.json"
+        args = ["-m", "anemia_dist", "evaluate", "--checkpoint", str(best), "--data", str(manifest), "--out", str(out),
+                "--batch-size", "4", "data.num_workers=0", "eval.bootstrap=300"]
+        assert f"{processes} process(es)" in check(launch(args, num_processes=processes)).stdout
+        records[processes] = json.loads(out.read_text())
+        records[processes].pop("report")
+    assert records[1]["n"] == records[2]["n"] == 23
+    assert records[2] == records[1]
+    one, two = (read_csv(tmp_path / f"eval{p}_report" / "predictions.csv") for p in (1, 2))
+    assert one == two
+
+
+def test_evaluate_on_cp_anemic(tmp_path, cp_anemic):
+    best = make_best(tmp_path / "best", ["Anemic", "Non-anemic"])
+    record = evaluate(best, cp_anemic, ["data.num_workers=2", "eval.bootstrap=200"], batch_size=64,
+                      out=tmp_path / "cp.json", report_dir=tmp_path / "report")
+    anemic = len(list((cp_anemic / "Anemic").glob("*.png")))
+    total = anemic + len(list((cp_anemic / "Non-anemic").glob("*.png")))
+    assert record["n"] == total == 615 and record["n_positive"] == anemic
+    assert record["positive_class"] == "Anemic" and record["negative_class"] == "Non-anemic"
+    assert record["auroc"] is not None and record["ci"]["auroc"]["low"] <= record["auroc"] <= record["ci"]["auroc"]["high"]
+    assert (tmp_path / "report" / "report.html").is_file()

@@ -1,0 +1,101 @@
+"""The report files, and what training leaves behind: threshold in meta.json, per-epoch metrics, report."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from anemia_dist.evaluation import OperatingPoint, summarize
+from anemia_dist.predict import evaluate
+from anemia_dist.report import FIGURES, write_report
+from anemia_dist.reporting import read_metrics
+from conftest import TINY, check, launch, make_manifest
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def fake_rows(epochs: int = 6) -> list[dict]:
+    return [
+        {
+            "epoch": e,
+            "train_loss": 1 / e,
+            "val_loss": 1.1 / e,
+            "train_acc": 0.5 + e / 20,
+            "val_acc": 0.5 + e / 25,
+            "val_auroc": 0.6 + e / 30,
+            "val_sensitivity": 0.9,
+            "val_specificity": 0.4 + e / 20,
+            "lr": [1e-4 if e < 5 else 5e-5, 1e-4],
+            "lr_groups": ["head", "layer4"],
+            "unfrozen": [] if e < 3 else ["layer4"],
+        }
+        for e in range(1, epochs + 1)
+    ]
+
+
+def test_report_files_exist_and_the_page_shows_and_links_them(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 120)
+    p0 = 1 / (1 + np.exp(-(rng.normal(0, 1, 120) + (labels == 0))))
+    probs = np.stack([p0, 1 - p0], axis=1)
+    point = OperatingPoint("Anemic", 0.55, "youden", temperature=1.5)
+    evaluation = summarize(labels, probs, ["Anemic", "Non-anemic"], point, 200, [f"p{i // 2}" for i in range(120)])
+    page = write_report(tmp_path / "report", "Test report", evaluation, ["a caller's note"], fake_rows())
+
+    assert page == tmp_path / "report" / "report.html"
+    text = page.read_text()
+    for name in FIGURES:
+        assert (tmp_path / "report" / name).read_bytes().startswith(PNG_SIGNATURE), name
+        assert f'href="{name}"' in text
+    assert text.count("data:image/png;base64,") == len(FIGURES)  # readable without the PNG files
+    assert not re.search(r'(src|href)="https?:', text)  # nothing fetched from elsewhere
+    assert f"{evaluation.result['auroc']:.3f}" in text and "bootstrap over patients" in text
+    assert "ECE before temperature scaling" in text and "a caller&#x27;s note" in text
+
+
+def test_report_without_training_rows_has_no_curves(tmp_path):
+    labels = np.array([0, 0, 1, 1, 0, 1])
+    probs = np.array([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7], [0.55, 0.45], [0.2, 0.8], [0.1, 0.9]])
+    evaluation = summarize(labels, probs, ["anemic", "non-anemic"], OperatingPoint("anemic", 0.5, "fixed"), 100)
+    text = write_report(tmp_path, "No curves", evaluation).read_text()
+    assert not (tmp_path / "curves.png").exists() and "curves.png" not in text
+    assert "no patient column" in text and "too narrow" in text
+
+
+@pytest.mark.multiprocess
+def test_training_saves_the_threshold_logs_screening_metrics_and_writes_the_report(tmp_path):
+    """2 ranks; the threshold rule is a target sensitivity, with temperature scaling. The PIL
+    pipeline validates with exactly the preprocessing evaluate uses, so their numbers can agree."""
+    manifest = make_manifest(tmp_path / "data", {"anemic": 12, "non-anemic": 12}, per_group=2)
+    args = ["-m", "anemia_dist", "train", *TINY, f"data.manifest={manifest}", "train.epochs=2",
+            f"run.output_dir={tmp_path / 'runs'}", "run.name=r", "eval.threshold_rule=sensitivity",
+            "eval.target_sensitivity=0.9", "eval.calibrate=true", "eval.bootstrap=200", "data.pipeline=pil"]
+    check(launch(args))
+    run = tmp_path / "runs" / "r"
+
+    meta = json.loads((run / "best" / "meta.json").read_text())
+    assert meta["positive_class"] == "anemic" and meta["threshold_rule"] == "sensitivity>=0.9"
+    assert 0.0 <= meta["threshold"] <= 1.0 and meta["temperature"] > 0
+    rows = read_metrics(run)
+    for row in rows:
+        for key in ("val_auroc", "val_auprc", "val_sensitivity", "val_specificity", "val_ppv", "val_npv",
+                    "val_f1", "val_brier", "val_ece", "val_balanced_accuracy", "val_threshold"):
+            assert key in row, key
+    best_row = next(r for r in rows if r["epoch"] == meta["epoch"])
+    assert best_row["val_threshold"] == meta["threshold"]
+
+    validation = json.loads((run / "report" / "validation.json").read_text())
+    assert validation["sensitivity"] >= 0.9  # the rule, on the data it was chosen on
+    assert validation["threshold"] == meta["threshold"] and "ece_uncalibrated" in validation
+    for name in ("report.html", *FIGURES):
+        assert (run / "report" / name).is_file(), name
+
+    # evaluate on the run's validation rows reproduces the saved model's validation numbers
+    record = evaluate(run / "best", run / "splits.csv", ["data.num_workers=0", "eval.bootstrap=100"],
+                      batch_size=4, report_dir=tmp_path / "again", split="val")
+    assert record["n"] == validation["n"]
+    for name in ("auroc", "sensitivity", "specificity", "brier", "loss"):
+        assert record[name] == pytest.approx(validation[name], abs=1e-5), name

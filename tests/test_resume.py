@@ -1,0 +1,170 @@
+"""Resume exactly: interrupted runs continue as if nothing happened."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from anemia_dist.checkpointer import complete_checkpoints, read_info
+from anemia_dist.preemption import PREEMPTED_EXIT_CODE
+from anemia_dist.reporting import read_metrics
+from conftest import ROOT, TINY, check, launch, launch_command, make_image_folder, write_image
+
+# A run that really trains (lr 1e-3), cuts the lr (patience 1) and unfreezes layer4 at epoch 3.
+SETTINGS = [*TINY, "optim.lr=1e-3", "scheduler.patience=1", "unfreeze.epoch=2", "early_stopping.patience=3"]
+
+
+def hard_folder(root: Path, per_class: int = 12) -> Path:
+    """Both classes look alike: the validation loss wanders, so the lr is cut and training stops early."""
+    for i in range(2 * per_class):
+        write_image(root / ("anemic" if i % 2 else "non-anemic") / f"img_{i:03d}.png", (180, 90, 90), seed=i)
+    return root
+
+
+def train(data: Path, out: Path, name: str, world: int, *extra: str) -> subprocess.CompletedProcess:
+    args = [*SETTINGS, f"data.root={data}", f"run.output_dir={out}", f"run.name={name}", *extra]
+    if world == 1:
+        command = [sys.executable, "-m", "anemia_dist", "train", *args]
+        return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    return launch(["-m", "anemia_dist", "train", *args], num_processes=world)
+
+
+def assert_same_rows(resumed: list[dict], reference: list[dict], from_epoch: int) -> None:
+    assert [r["epoch"] for r in resumed] == [r["epoch"] for r in reference], "same stop epoch"
+    for got, want in zip(resumed[from_epoch - 1 :], reference[from_epoch - 1 :]):
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+            assert got[key] == pytest.approx(want[key], rel=1e-6), (got["epoch"], key)
+        assert got["lr"] == want["lr"] and got["unfrozen"] == want["unfrozen"], got["epoch"]
+
+
+@pytest.mark.parametrize(
+    "world, k",
+    [
+        pytest.param(1, 1, id="one-process-interrupted-before-unfreezing"),
+        pytest.param(2, 3, id="two-processes-interrupted-after-unfreezing", marks=pytest.mark.multiprocess),
+    ],
+)
+def test_resumed_run_reproduces_the_uninterrupted_run(tmp_path, world, k):
+    data = hard_folder(tmp_path / "data")
+    check(train(data, tmp_path, "whole", world, "train.epochs=9"))
+    check(train(data, tmp_path, "parted", world, f"train.epochs={k}"))
+    check(train(data, tmp_path, "parted", world, "train.epochs=9", "run.resume=auto"))
+    reference, resumed = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "parted")
+    assert any(r["lr"][0] < 1e-3 for r in reference), "the scenario includes an lr cut"
+    assert len(reference) < 9, "and an early stop"
+    assert_same_rows(resumed, reference, from_epoch=k + 1)
+    assert json.loads((tmp_path / "parted" / "summary.json").read_text())["best_epoch"] == json.loads(
+        (tmp_path / "whole" / "summary.json").read_text()
+    )["best_epoch"]
+
+
+def checkpoint_state(checkpoint: Path) -> dict:
+    scheduler = torch.load(checkpoint / "scheduler.bin", weights_only=False)
+    stopper = torch.load(checkpoint / "custom_checkpoint_0.pkl", weights_only=False)
+    return {"scheduler_best": scheduler["best"], "scheduler_bad": scheduler["num_bad_epochs"], **stopper}
+
+
+@pytest.mark.multiprocess
+def test_two_process_run_resumes_on_one_process_with_its_scheduler_and_stopping_state(tmp_path):
+    data = make_image_folder(tmp_path / "data", {"anemic": 10, "non-anemic": 14})
+    check(train(data, tmp_path, "r", 2, "train.epochs=3"))
+    before = checkpoint_state(tmp_path / "r" / "checkpoints" / "epoch-0003")
+    result = check(train(data, tmp_path, "r", 1, "train.epochs=4", "run.resume=auto"))
+    assert "resumed from" in result.stdout
+    rows = read_metrics(tmp_path / "r")
+    assert [r["world_size"] for r in rows] == [2, 2, 2, 1]
+    after = checkpoint_state(tmp_path / "r" / "checkpoints" / "epoch-0004")
+    improved = rows[3]["val_loss"] < before["best"]
+    if improved:
+        assert after["best"] == rows[3]["val_loss"] and after["bad_epochs"] == 0
+    else:  # the counters carried over from the 2-process run and went on counting
+        assert after["best"] == before["best"] and after["bad_epochs"] == before["bad_epochs"] + 1
+        assert after["scheduler_best"] == before["scheduler_best"]
+
+
+def rank_pids(launcher: subprocess.Popen) -> dict[int, int]:
+    ranks = {}
+    for child in psutil.Process(launcher.pid).children(recursive=True):
+        try:
+            rank = child.environ().get("RANK")
+        except psutil.Error:
+            continue
+        if rank is not None and "anemia_dist" in " ".join(child.cmdline()):
+            ranks[int(rank)] = child.pid
+    return ranks
+
+
+@pytest.mark.multiprocess
+def test_signal_to_one_rank_saves_mid_epoch_and_the_resumed_run_matches(tmp_path):
+    data = make_image_folder(tmp_path / "data", {"anemic": 30, "non-anemic": 40})
+    settings = ["train.batch_size=2", "train.epochs=3"]
+    check(train(data, tmp_path, "whole", 2, *settings))
+
+    args = [*SETTINGS, f"data.root={data}", f"run.output_dir={tmp_path}", "run.name=cut", *settings]
+    command, env = launch_command(["-m", "anemia_dist", "train", *args], 2)
+    launcher = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "cut" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 1) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # into epoch 2
+    ranks = rank_pids(launcher)
+    assert set(ranks) == {0, 1}
+    psutil.Process(ranks[1]).send_signal(signal.SIGUSR1)  # only rank 1 hears it
+    output, _ = launcher.communicate(timeout=300)
+    assert launcher.returncode != 0, output[-3000:]
+    assert re.search(rf"exitcode\s*:\s*{PREEMPTED_EXIT_CODE}", output), output[-3000:]
+
+    marker = json.loads((tmp_path / "cut" / "preempted.json").read_text())
+    saved = Path(marker["checkpoint"])
+    progress = read_info(saved)["progress"]
+    assert progress["epoch"] == 1 and 0 < progress["step"] < 18, progress  # mid epoch 2 (18 batches)
+    assert saved.name == f"epoch-0001-step-{progress['step']:06d}"
+
+    check(train(data, tmp_path, "cut", 2, *settings, "run.resume=auto"))
+    assert not (tmp_path / "cut" / "preempted.json").exists()
+    resumed, reference = read_metrics(tmp_path / "cut"), read_metrics(tmp_path / "whole")
+    assert_same_rows(resumed, reference, from_epoch=2)
+
+
+def test_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path):
+    data = make_image_folder(tmp_path / "data", {"anemic": 10, "non-anemic": 14})
+    args = [*SETTINGS, f"data.root={data}", f"run.output_dir={tmp_path}", "run.name=k", "train.epochs=5"]
+    killed = subprocess.run([sys.executable, str(ROOT / "tests" / "kill_during_save.py"), "3", *args],
+                            capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert killed.returncode == -signal.SIGKILL
+    checkpoints = tmp_path / "k" / "checkpoints"
+    torn = checkpoints / ".tmp-epoch-0003"
+    assert (torn / "model.safetensors").exists() and not (torn / "optimizer.bin").exists()
+    assert [p.name for p in complete_checkpoints(checkpoints)] == ["epoch-0001", "epoch-0002"]
+
+    result = check(train(data, tmp_path, "k", 1, "train.epochs=5", "run.resume=auto"))
+    assert "resumed from" in result.stdout and "epoch-0002" in result.stdout
+    assert [r["epoch"] for r in read_metrics(tmp_path / "k")] == [1, 2, 3, 4, 5]
+    assert not torn.exists(), "the torn checkpoint is cleaned up"
+
+
+def test_resuming_with_another_arch_is_refused_naming_the_difference(tmp_path):
+    data = make_image_folder(tmp_path / "data", {"anemic": 10, "non-anemic": 14})
+    check(train(data, tmp_path, "a", 1, "train.epochs=1"))
+    result = train(data, tmp_path, "a", 1, "train.epochs=2", "run.resume=auto", "model.arch=resnet34")
+    assert result.returncode == 2
+    assert "arch: checkpoint has 'resnet18', this config has 'resnet34'" in result.stderr
+
+
+def test_an_existing_run_is_not_overwritten_without_resume(tmp_path):
+    data = make_image_folder(tmp_path / "data", {"anemic": 10, "non-anemic": 14})
+    check(train(data, tmp_path, "a", 1, "train.epochs=1"))
+    before = (tmp_path / "a" / "metrics.jsonl").read_text()
+    result = train(data, tmp_path, "a", 1, "train.epochs=1")
+    assert result.returncode == 2 and "run.resume=auto" in result.stderr
+    assert (tmp_path / "a" / "metrics.jsonl").read_text() == before

@@ -1,0 +1,179 @@
+"""The SLURM batch scripts on a real one-node SLURM cluster (slurmctld + slurmd on localhost).
+
+The session fixture starts the cluster with ``slurm/local_cluster.sh`` in a temporary directory
+and stops its daemons at the end; it needs root and Debian's ``slurm-wlm`` and ``munge``
+packages, and the tests skip without them. Jobs run the scripts' CPU mode with 2 processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from anemia_dist.preemption import PREEMPTED_EXIT_CODE
+from anemia_dist.reporting import read_metrics
+from conftest import ROOT, TINY, free_port, make_image_folder
+
+SLURM = ROOT / "slurm"
+SCRIPTS = [SLURM / name for name in ("lib.sh", "node_launch.sh", "local_cluster.sh")] + sorted(SLURM.glob("*.sbatch"))
+FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
+def test_scripts_parse_and_agree_on_the_preemption_exit_code():
+    for script in SCRIPTS:
+        result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert result.returncode == 0, f"{script.name}: {result.stderr}"
+    assert re.search(rf"^PREEMPTED_EXIT_CODE={PREEMPTED_EXIT_CODE}$", (SLURM / "lib.sh").read_text(), re.M)
+
+
+def test_local_cluster_refuses_to_start_without_root_or_slurm(tmp_path):
+    """The helper fails with a message saying what is missing, instead of half-starting daemons."""
+    env = {**os.environ, "PATH": "/usr/bin:/bin"}  # not /usr/sbin, where the daemons live
+    result = subprocess.run(["/bin/bash", str(SLURM / "local_cluster.sh"), "up", str(tmp_path / "state")],
+                            env=env, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "must run as root" in result.stderr or "apt-get install -y slurm-wlm munge" in result.stderr
+    assert not (tmp_path / "state").exists()
+
+
+@pytest.fixture(scope="session")
+def slurm_env():
+    """Environment for SLURM clients pointing at a private local cluster, up for the whole session."""
+    if os.geteuid() != 0:
+        pytest.skip("the local SLURM cluster needs root")
+    missing = [b for b in ("munged", "slurmctld", "slurmd", "sbatch", "scontrol") if shutil.which(b) is None]
+    if missing:
+        pytest.skip(f"SLURM not installed ({', '.join(missing)} missing): apt-get install -y slurm-wlm munge")
+    # Not under pytest's private temporary folder: munged needs every folder above its socket searchable.
+    state = Path(tempfile.mkdtemp(prefix="anemia-dist-slurm-"))
+    state.chmod(0o755)
+    ports = {"SLURMCTLD_PORT": str(free_port()), "SLURMD_PORT": str(free_port())}
+    command = [str(SLURM / "local_cluster.sh")]
+    try:
+        up = subprocess.run([*command, "up", str(state)], env={**os.environ, **ports},
+                            capture_output=True, text=True, timeout=120)
+        assert up.returncode == 0, f"local cluster did not start:\n{up.stderr}"
+        conf = re.search(r"^export SLURM_CONF=(\S+)$", up.stdout, re.M).group(1)
+        venv_bin = str(Path(sys.executable).parent)
+        yield {**os.environ, "SLURM_CONF": conf, "PATH": f"{venv_bin}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    finally:
+        down = subprocess.run([*command, "down", str(state)], capture_output=True, text=True, timeout=120)
+        assert down.returncode == 0, down.stderr
+
+
+def submit(slurm_env: dict, workdir: Path, script: str, args: list[str], sbatch_args: tuple[str, ...] = ()) -> str:
+    """``sbatch`` in CPU mode with 2 processes, from ``workdir`` (the job's output lands there)."""
+    env = {**slurm_env, "ANEMIA_DIST_HOME": str(ROOT), "CPU_PROCESSES": "2"}
+    command = ["sbatch", "--parsable", "--gres=none", *sbatch_args, str(SLURM / script), *args]
+    result = subprocess.run(command, env=env, cwd=workdir, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().split(";")[0]
+
+
+def job_info(slurm_env: dict, job: str) -> dict[str, str]:
+    """``scontrol show job`` as a dict (there is no accounting database, so no ``sacct``)."""
+    out = subprocess.run(["scontrol", "show", "job", "-o", job], env=slurm_env, capture_output=True, text=True,
+                         check=True).stdout
+    return dict(re.findall(r"(\w+)=(\S*)", out))
+
+
+def wait_for(slurm_env: dict, job: str, condition, timeout: float = 300) -> dict[str, str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = job_info(slurm_env, job)
+        if condition(info):
+            return info
+        time.sleep(1)
+    raise AssertionError(f"job {job} timed out waiting; last state {info.get('JobState')}: {info}")
+
+
+def run_job(slurm_env: dict, workdir: Path, script: str, args: list[str], timeout: float = 300, **kwargs):
+    job = submit(slurm_env, workdir, script, args, **kwargs)
+    try:
+        info = wait_for(slurm_env, job, lambda i: i["JobState"] in FINISHED, timeout)
+    finally:
+        subprocess.run(["scancel", job], env=slurm_env, capture_output=True)
+    return job, info
+
+
+def train_args(tmp_path: Path, epochs: int) -> list[str]:
+    data = make_image_folder(tmp_path / "data", {"anemic": 12, "non-anemic": 12})
+    return [*TINY, f"data.root={data}", f"train.epochs={epochs}", "early_stopping.patience=100",
+            f"run.output_dir={tmp_path / 'runs'}"]
+
+
+def output_of(workdir: Path, job: str, name: str = "anemia-dist") -> str:
+    return (workdir / f"slurm-{name}-{job}.out").read_text()
+
+
+def epochs_printed(text: str) -> list[int]:
+    return [int(m) for m in re.findall(r"^epoch +(\d+) +train loss", text, re.M)]
+
+
+@pytest.mark.slurm
+@pytest.mark.multiprocess
+def test_single_node_job_trains_on_two_ranks_into_a_run_directory_named_after_the_job(slurm_env, tmp_path):
+    job, info = run_job(slurm_env, tmp_path, "train_single_node.sbatch", train_args(tmp_path, epochs=2))
+    output = output_of(tmp_path, job)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", output[-5000:]
+    assert f"job {job} SLURM_RESTART_COUNT=0" in output
+    run_dir = tmp_path / "runs" / f"slurm-{job}"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["epochs_run"] == 2
+    assert [row["epoch"] for row in read_metrics(run_dir)] == [1, 2]
+    assert (run_dir / "best" / "model.safetensors").is_file()
+    assert epochs_printed(output) == [1, 2]
+
+
+@pytest.mark.slurm
+@pytest.mark.multiprocess
+def test_multi_node_script_starts_one_launcher_per_node_with_its_machine_rank(slurm_env, tmp_path):
+    """One node here, but through the same srun, per-node rank expansion and head-node lookup."""
+    job, info = run_job(slurm_env, tmp_path, "train_multi_node.sbatch", train_args(tmp_path, epochs=1),
+                        sbatch_args=("--nodes=1", f"--export=ALL,MAIN_PROCESS_PORT={free_port()}"))
+    output = output_of(tmp_path, job, "anemia-dist-multinode")
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", output[-5000:]
+    assert "1 node(s) x 2 process(es)" in output
+    summary = json.loads((tmp_path / "runs" / f"slurm-{job}" / "summary.json").read_text())
+    assert summary["world_size"] == 2
+
+
+@pytest.mark.slurm
+@pytest.mark.multiprocess
+def test_signalled_job_checkpoints_requeues_itself_and_resumes_to_the_end(slurm_env, tmp_path):
+    epochs = 5
+    job = submit(slurm_env, tmp_path, "train_single_node.sbatch", train_args(tmp_path, epochs))
+    run_dir = tmp_path / "runs" / f"slurm-{job}"
+    try:
+        # Signal once training is under way (the ranks have their handlers), as --signal would.
+        deadline = time.monotonic() + 180
+        while not read_metrics(run_dir):
+            assert time.monotonic() < deadline, output_of(tmp_path, job)[-5000:]
+            assert job_info(slurm_env, job)["JobState"] in ("PENDING", "RUNNING"), output_of(tmp_path, job)[-5000:]
+            time.sleep(0.5)
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm_env, check=True)
+        wait_for(slurm_env, job, lambda i: int(i["Restarts"]) >= 1, timeout=120)
+        info = wait_for(slurm_env, job, lambda i: i["JobState"] in FINISHED and int(i["Restarts"]) >= 1)
+    finally:
+        subprocess.run(["scancel", job], env=slurm_env, capture_output=True)
+    output = output_of(tmp_path, job)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", output[-5000:]
+    assert info["Restarts"] == "1"
+    first, _, second = output.partition(f"job {job} SLURM_RESTART_COUNT=1")
+    assert second, output[-5000:]
+    assert f"job {job} SLURM_RESTART_COUNT=0" in first and "requeueing job" in first
+    # The second start continued from the checkpoint instead of epoch 1, and the run is whole.
+    before, after = epochs_printed(first), epochs_printed(second)
+    assert before and after and after[0] > 1, output[-5000:]
+    assert before + after == list(range(1, epochs + 1))
+    assert [row["epoch"] for row in read_metrics(run_dir)] == list(range(1, epochs + 1))
+    assert json.loads((run_dir / "summary.json").read_text())["best_epoch"] is not None
