@@ -90,9 +90,14 @@ def plot_roc(pred: Predictions, result: dict[str, Any], path: Path) -> None:
         ylabel="sensitivity (true positive rate)",
         title=f"ROC: {result['positive_class']} vs {result['negative_class']} (n={result['n']})",
     )
+    _save_unit_square(plt, figure, axis, path, legend_loc="lower right")
+
+
+def _save_unit_square(plt, figure, axis, path: Path, legend_loc: str) -> None:
+    """ROC and precision-recall panels share one look: square, gridded, legend in a free corner."""
     axis.set_aspect("equal")
     axis.grid(alpha=0.3)
-    axis.legend(loc="lower right", fontsize=8)
+    axis.legend(loc=legend_loc, fontsize=8)
     figure.savefig(path, dpi=110)
     plt.close(figure)
 
@@ -122,11 +127,7 @@ def plot_precision_recall(pred: Predictions, result: dict[str, Any], path: Path)
         ylabel="precision (PPV)",
         title=f"Precision-recall: {result['positive_class']} (n={result['n']})",
     )
-    axis.set_aspect("equal")
-    axis.grid(alpha=0.3)
-    axis.legend(loc="lower left", fontsize=8)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _save_unit_square(plt, figure, axis, path, legend_loc="lower left")
 
 
 def plot_confusion(result: dict[str, Any], path: Path) -> None:

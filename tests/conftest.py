@@ -51,6 +51,14 @@ def make_image_folder(root: Path, counts: dict[str, int], size: int = 24) -> Pat
     return root
 
 
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
 def make_manifest(root: Path, counts: dict[str, int], per_group: int = 2, size: int = 24) -> Path:
     """Images plus ``manifest.csv`` (path,label,group) with ``per_group`` images per patient."""
     make_image_folder(root, counts, size)
@@ -58,12 +66,7 @@ def make_manifest(root: Path, counts: dict[str, int], per_group: int = 2, size: 
     for name in counts:
         for i, path in enumerate(sorted((root / name).glob("*.png"))):
             rows.append({"path": str(path.relative_to(root)), "label": name, "group": f"{name}-p{i // per_group}"})
-    manifest = root / "manifest.csv"
-    with manifest.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["path", "label", "group"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return manifest
+    return write_csv(root / "manifest.csv", rows)
 
 
 def launch_command(args: list[str], num_processes: int = 2, env: dict | None = None) -> tuple[list[str], dict]:

@@ -22,6 +22,7 @@ def test_defaults_are_the_methodology():
 def test_packaged_default_yaml_equals_the_dataclass_defaults():
     assert load_config("default") == Config()
     assert load_config(packaged_config("default")) == Config()
+    assert yaml.safe_load(packaged_config("default").read_text()) == Config().to_dict(), "it lists every key"
 
 
 def test_overrides_apply_on_top_of_the_file_with_yaml_typed_values():

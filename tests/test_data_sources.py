@@ -9,7 +9,7 @@ import pytest
 
 from anemia_dist.config import ConfigError, DataConfig, load_config
 from anemia_dist.data import DataError, load_samples
-from conftest import make_image_folder
+from conftest import make_image_folder, write_csv
 
 WHO_RULES = [
     {"threshold": 11.0, "when": ["age_months < 60"]},
@@ -20,12 +20,6 @@ WHO_RULES = [
 ]
 
 
-def write_csv(path: Path, rows: list[dict]) -> Path:
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
 
 
 def measured(tmp_path: Path, rows: list[dict]) -> Path:

@@ -14,7 +14,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from anemia_dist.config import DataConfig
 from anemia_dist.data import DataError, balanced_class_weights, build_split
-from conftest import make_image_folder, make_manifest
+from conftest import make_image_folder, make_manifest, write_csv
 from test_audit import BAD, add_bad_files
 
 
@@ -23,12 +23,6 @@ def read_rows(manifest: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
-def write_rows(manifest: Path, rows: list[dict]) -> Path:
-    with manifest.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return manifest
 
 
 def with_copies(root: Path) -> Path:
@@ -40,7 +34,7 @@ def with_copies(root: Path) -> Path:
         copy = Path(row["path"]).with_name(f"copy_{n}.png")
         shutil.copy(root / row["path"], root / copy)
         rows.append({"path": str(copy), "label": row["label"], "group": other["group"]})
-    return write_rows(manifest, rows)
+    return write_csv(manifest, rows)
 
 
 def content(path: str) -> str:
@@ -90,7 +84,7 @@ def test_a_fold_is_the_same_on_every_call_and_folds_differ(tmp_path):
 def test_site_grouping_holds_out_whole_sites(tmp_path):
     manifest = make_manifest(tmp_path, {"anemic": 36, "non-anemic": 36}, per_group=2)
     rows = [{**r, "hospital": f"site-{i % 6}"} for i, r in enumerate(read_rows(manifest))]
-    write_rows(manifest, rows)
+    write_csv(manifest, rows)
     held_out = Counter()
     for fold in range(3):
         split = build_split(DataConfig(manifest=str(manifest), site_column="hospital", folds=3, fold=fold), seed=0)
@@ -102,12 +96,12 @@ def test_site_grouping_holds_out_whole_sites(tmp_path):
 def test_a_fixed_split_column_is_kept_and_copies_across_it_are_an_error(tmp_path):
     manifest = make_manifest(tmp_path, {"anemic": 8, "non-anemic": 8}, per_group=1)
     rows = [{**r, "split": "val" if i % 4 == 0 else "train"} for i, r in enumerate(read_rows(manifest))]
-    write_rows(manifest, rows)
+    write_csv(manifest, rows)
     split = build_split(DataConfig(manifest=str(manifest)), seed=0)
     assert sorted(s.path for s in split.val) == sorted(str(tmp_path / r["path"]) for r in rows if r["split"] == "val")
 
     shutil.copy(tmp_path / rows[0]["path"], tmp_path / "anemic" / "leak.png")
-    write_rows(manifest, rows + [{"path": "anemic/leak.png", "label": rows[0]["label"], "group": "x", "split": "train"}])
+    write_csv(manifest, rows + [{"path": "anemic/leak.png", "label": rows[0]["label"], "group": "x", "split": "train"}])
     with pytest.raises(DataError, match=r"img_000.png \(val\).*leak.png \(train\)|leak.png \(train\).*img_000.png \(val\)"):
         build_split(DataConfig(manifest=str(manifest)), seed=0)
 
