@@ -179,15 +179,15 @@ class Trainer:
     """The engine's step (class-weighted cross-entropy, Adam on the engine's parameter groups)
     on one device, without Accelerate: phase 1 has the whole backbone frozen, phase 2 layer4 too."""
 
-    def __init__(self, args: argparse.Namespace, device: torch.device, precision: str):
+    def __init__(self, args: argparse.Namespace, device: torch.device):
         self.model = build_model(ModelConfig(arch=args.arch, weights="none"), num_classes=2).to(device)
         if args.compile:
             self.model.compile()
         groups = optimizer_param_groups(self.model, ["layer4"])
         self.optimizer = torch.optim.Adam(groups, lr=1e-4, weight_decay=1e-4)
         self.weights = torch.tensor([1.2, 0.8], device=device)
-        use_bf16 = precision == "bf16"
-        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+        bf16 = args.precision == "bf16"
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
     def forward_only(self, images: torch.Tensor) -> None:
         self.model.eval()
@@ -232,7 +232,7 @@ def end_to_end(name: str, samples: list[Sample], args: argparse.Namespace, devic
     """Phase-1 training steps fed by each pipeline (a fresh model each, same settings)."""
 
     def run(loader: DataLoader, finish: Callable) -> float:
-        trainer = Trainer(args, device, args.precision)
+        trainer = Trainer(args, device)
 
         def steps() -> Iterator[int]:
             for images, labels in endless(loader, finish, device):
@@ -311,7 +311,7 @@ def run_bench(args: argparse.Namespace) -> dict:
         for name, samples in sets.items():
             results["data"].append(asdict(data_rates(name, samples, args, device, sync)))
         torch.set_num_threads(threads)
-        results["model"] = asdict(model_rates(Trainer(args, device, args.precision), args, device, sync))
+        results["model"] = asdict(model_rates(Trainer(args, device), args, device, sync))
         if args.e2e_steps > 0:
             for name, samples in sets.items():
                 results["end_to_end"].append(asdict(end_to_end(name, samples, args, device, sync)))

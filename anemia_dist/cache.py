@@ -15,6 +15,7 @@ them, so nothing is copied), and under spawn torch's pickling moves it to shared
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -166,29 +167,31 @@ class CachedImages(Dataset):
 
 
 def cached_datasets(cfg: DataConfig, split: SplitData, channels_last: bool) -> tuple[CachedImages, CachedImages]:
-    """The training and validation sets from one decode pass over both.
+    """The training set at the working size, the validation set straight at the training size.
 
+    Validation images are decoded at ``image_size``, so training-time validation sees the same
+    pixels as ``evaluate``/``predict`` (no second resize) and the saved threshold fits them.
     Every process holds its own copy in memory. With ``data.cache_dir`` the main process decodes
     and writes first while the others wait, then they read its entries (only the main process
     writes files); without it, every process decodes for itself.
     """
     state = PartialState()
-    size = working_size(cfg.image_size)
-    paths = [s.path for s in [*split.train, *split.val]]
-    if cfg.cache_dir is None:
-        images, stats = decode_all(paths, size, cfg.alpha_background, cfg.num_workers)
-    else:
-        with state.main_process_first():
-            images, stats = decode_all(
-                paths, size, cfg.alpha_background, cfg.num_workers, cfg.cache_dir, write=state.is_main_process
+    sizes = {"train": working_size(cfg.image_size), "val": cfg.image_size}
+    parts = {"train": [s.path for s in split.train], "val": [s.path for s in split.val]}
+    images, stats = {}, CacheStats()
+    with state.main_process_first() if cfg.cache_dir is not None else contextlib.nullcontext():
+        for name, paths in parts.items():
+            images[name], part_stats = decode_all(
+                paths, sizes[name], cfg.alpha_background, cfg.num_workers, cfg.cache_dir, write=state.is_main_process
             )
+            stats.decoded, stats.from_disk = stats.decoded + part_stats.decoded, stats.from_disk + part_stats.from_disk
     stored = f", {stats.from_disk} read from {cfg.cache_dir}" if cfg.cache_dir is not None else ""
+    megabytes = sum(t.numel() for t in images.values()) / 2**20
     state.print(
-        f"decoded-image cache: {len(paths)} images at {size}x{size}, {images.numel() / 2**20:.1f} MiB "
-        f"per process; {stats.decoded} decoded{stored}"
+        f"decoded-image cache: {len(parts['train'])} training images at {sizes['train']}px, {len(parts['val'])} "
+        f"validation images at {sizes['val']}px, {megabytes:.1f} MiB per process; {stats.decoded} decoded{stored}"
     )
-    n = len(split.train)
     return (
-        CachedImages(images[:n], [s.label for s in split.train], TrainAugment(cfg.image_size, channels_last)),
-        CachedImages(images[n:], [s.label for s in split.val], EvalResize(cfg.image_size, channels_last)),
+        CachedImages(images["train"], [s.label for s in split.train], TrainAugment(cfg.image_size, channels_last)),
+        CachedImages(images["val"], [s.label for s in split.val], EvalResize(cfg.image_size, channels_last)),
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -113,6 +114,15 @@ def device_transform(loader: DataLoader) -> Callable[[torch.Tensor], torch.Tenso
     return getattr(loader.dataset, "batch_transform", torch.nn.Identity())
 
 
+def progress_bar(accelerator: Accelerator, iterable, desc: str, **kwargs) -> tqdm:
+    """tqdm on the main process; in a log file (SLURM, CI) a line every 30 s, not every batch."""
+    interactive = sys.stderr.isatty()
+    return tqdm(
+        iterable, desc=desc, disable=not accelerator.is_local_main_process, leave=False,
+        mininterval=0.1 if interactive else 30.0, **kwargs,
+    )
+
+
 def train_one_epoch(
     accelerator: Accelerator,
     model: torch.nn.Module,
@@ -130,10 +140,7 @@ def train_one_epoch(
         totals += torch.tensor(progress.partial, dtype=torch.float64, device=totals.device)
     loader.set_epoch(epoch)  # the shuffle order depends on the epoch only, also after a resume
     batches = accelerator.skip_first_batches(loader, progress.step) if progress.step else loader
-    bar = tqdm(
-        batches, desc=f"epoch {epoch} train", initial=progress.step, total=len(loader),
-        disable=not accelerator.is_local_main_process, leave=False,
-    )
+    bar = progress_bar(accelerator, batches, f"epoch {epoch} train", initial=progress.step, total=len(loader))
     transform = device_transform(loader)
     steps, preempted = progress.step, False
     for step, (images, labels) in enumerate(bar):
@@ -155,7 +162,7 @@ def train_one_epoch(
         if step % 20 == 0:  # .item() waits for the device; every step would stall the pipeline
             bar.set_postfix(loss=f"{loss.item():.4f}")
         steps += 1
-        if steps < len(loader) and watcher.agreed(accelerator):
+        if steps < len(loader) and watcher.agreed():
             preempted = True
             break
     global_totals = accelerator.reduce(totals, reduction="sum").tolist()
@@ -175,7 +182,7 @@ def validate(
     """
     model.eval()
     losses, labels, probs = [], [], []
-    bar = tqdm(loader, desc="validate", disable=not accelerator.is_local_main_process, leave=False)
+    bar = progress_bar(accelerator, loader, "validate")
     transform = device_transform(loader)
     for images, targets in bar:
         logits = model(transform(images)).float()
@@ -253,7 +260,7 @@ def train(cfg: Config) -> dict[str, Any]:
 
     stop_reason = "max_epochs"
     best_val, best_point = None, None  # the best epoch's validation predictions, for the report
-    watcher = PreemptionWatcher()
+    watcher = PreemptionWatcher(accelerator)
     try:
         for epoch in range(progress.epoch + 1, cfg.train.epochs + 1):
             if should_unfreeze(cfg, epoch, stopper, progress.unfrozen):
@@ -316,7 +323,7 @@ def train(cfg: Config) -> dict[str, Any]:
             if stopper.should_stop:
                 stop_reason = "early_stopping"
                 break
-            if watcher.agreed(accelerator):  # a signal during validation or the save
+            if watcher.agreed():  # a signal during validation or the save
                 exit_preempted(accelerator, run, saved)
     finally:
         watcher.restore()

@@ -7,6 +7,7 @@ from types import FrameType
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 
 PREEMPTED_EXIT_CODE = 75
@@ -27,18 +28,25 @@ class PreemptionWatcher:
 
     A signal may reach one rank only (``scancel --signal`` to one task, a node's SIGTERM), so
     the decision is one all-reduce of the flags: every rank stops at the same step, none hangs.
+    The flag travels over a CPU (gloo) group: on GPUs a per-step NCCL all-reduce read back with
+    ``.item()`` would make the host wait for the device every step.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, accelerator: Accelerator) -> None:
         self.received: Optional[int] = None
+        distributed = accelerator.num_processes > 1
+        self._group = dist.new_group(backend="gloo") if distributed and accelerator.device.type != "cpu" else None
+        self._distributed = distributed
         self._previous = {sig: signal.signal(sig, self._handle) for sig in PREEMPTION_SIGNALS}
 
     def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
         self.received = signum
 
-    def agreed(self, accelerator: Accelerator) -> bool:
-        flag = torch.tensor([0.0 if self.received is None else 1.0], device=accelerator.device)
-        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+    def agreed(self) -> bool:
+        flag = torch.tensor([0 if self.received is None else 1], dtype=torch.int32)
+        if self._distributed:
+            dist.all_reduce(flag, group=self._group)
+        return bool(flag.item() > 0)
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -33,6 +34,8 @@ accelerator = Accelerator()
 total = accelerator.reduce(torch.tensor([accelerator.process_index + 1]), reduction="sum").item()
 print("PROBE " + json.dumps({"rank": accelerator.process_index, "world": accelerator.num_processes,
       "type": str(accelerator.distributed_type), "sum": total}), flush=True)
+accelerator.wait_for_everyone()
+accelerator.end_training()  # tear the gloo group down before exit: a rank leaving mid-teardown aborts
 """
 
 
@@ -41,7 +44,8 @@ CPU_ENV = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
 
 
 def probes(output: str) -> list[dict]:
-    return [json.loads(line.split("PROBE ", 1)[1]) for line in output.splitlines() if line.startswith("PROBE ")]
+    # two ranks share one pipe, so their lines can interleave: find each record, not each line
+    return [json.loads(record) for record in re.findall(r"PROBE (\{[^}]*\})", output)]
 
 
 def accelerate_launch(args: list[str]) -> subprocess.CompletedProcess:

@@ -5,13 +5,17 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import textwrap
+
+import pytest
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import ROOT, check, make_image_folder
-from anemia_dist.bench import make_photos
+from conftest import ROOT, TINY, check, launch, make_image_folder
+from anemia_dist.bench import make_photos, run_bench as run_bench_in_process
+from anemia_dist.cli import build_parser
 from anemia_dist.config import ModelConfig
 from anemia_dist.model import build_model, optimizer_param_groups, set_train_mode, unfreeze
 
@@ -54,7 +58,8 @@ def test_bench_compares_both_pipelines_and_both_phases_in_one_run(tmp_path):
 
 def test_bench_on_given_images_uses_them_as_one_set(tmp_path):
     folder = make_image_folder(tmp_path / "mine", {"a": 3, "b": 2})
-    _, results = run_bench(tmp_path, "--data", str(folder), "--e2e-steps", "0")
+    args = build_parser().parse_args(["bench", *TINY_BENCH, "--data", str(folder), "--e2e-steps", "0"])
+    results = run_bench_in_process(args)
     assert [(r["set"], r["images"]) for r in results["data"]] == [("mine", 5)]
     assert results["end_to_end"] == []
 
@@ -96,3 +101,38 @@ def test_compiled_model_trains_layer4_after_the_unfreeze():
     phase_step(model, optimizer)
     assert not torch.equal(layer4, before)
     assert next(iter(model.state_dict())) == "conv1.weight", "checkpoint keys unchanged by compiling"
+
+
+COMPILE_SPY = textwrap.dedent("""
+    import hashlib, json, os, sys
+    import torch
+    compile_in_place = torch.nn.Module.compile
+    torch.nn.Module.compile = lambda self, **kwargs: compile_in_place(self, backend="aot_eager")
+    import anemia_dist.engine as engine
+    from anemia_dist.config import load_config
+
+    hashes, validate = [], engine.validate
+
+    def spy(accelerator, model, loader, class_weights):
+        result = validate(accelerator, model, loader, class_weights)
+        layer4 = accelerator.unwrap_model(model).layer4.state_dict().values()
+        hashes.append(hashlib.sha256(b"".join(t.detach().numpy().tobytes() for t in layer4)).hexdigest())
+        return result
+
+    engine.validate = spy
+    engine.train(load_config(None, sys.argv[2:]))
+    with open(os.path.join(sys.argv[1], "rank" + os.environ["RANK"] + ".json"), "w") as handle:
+        json.dump(hashes, handle)
+""")
+
+
+@pytest.mark.multiprocess
+def test_compiled_model_under_ddp_keeps_layer4_identical_on_both_ranks_after_the_unfreeze(tmp_path):
+    spy = tmp_path / "compile_spy.py"
+    spy.write_text(COMPILE_SPY)
+    data = make_image_folder(tmp_path / "data", {"anemic": 10, "non-anemic": 14})
+    check(launch([str(spy), str(tmp_path), *TINY, f"data.root={data}", f"run.output_dir={tmp_path / 'runs'}",
+                  "train.epochs=3", "unfreeze.epoch=1", "train.compile=true"]))
+    ranks = [json.loads((tmp_path / f"rank{k}.json").read_text()) for k in (0, 1)]
+    assert ranks[0] == ranks[1], "DDP all-reduces the unfrozen layer4 of the compiled model"
+    assert len(set(ranks[0])) == 3, "layer4 trains after the unfreeze (epochs 2 and 3)"

@@ -18,6 +18,7 @@ from anemia_dist.config import load_config
 from anemia_dist.data import DataError, ImageDataset, build_split
 from anemia_dist.engine import device_transform, make_loaders
 from anemia_dist.gpu_augment import EvalResize, TrainAugment
+from anemia_dist.transforms import eval_transform
 from anemia_dist.images import load_rgb
 
 BACKGROUND = (124, 116, 104)
@@ -158,11 +159,21 @@ def test_gpu_pipeline_loaders_serve_cached_uint8_batches_finished_on_the_device(
     assert train.dataset.images.data_ptr() != val.dataset.images.data_ptr()
     assert len(train.dataset) == len(split.train) and len(val.dataset) == len(split.val)
     assert isinstance(device_transform(train), TrainAugment) and isinstance(device_transform(val), EvalResize)
+    assert next(iter(train))[0].shape[-1] == working_size(32)  # room for the augmentation's zoom
     images, labels = next(iter(val))
-    assert images.dtype == torch.uint8 and images.shape[-1] == working_size(32)
+    assert images.dtype == torch.uint8 and images.shape[-1] == 32  # validation: straight at the size
     finished = device_transform(val)(images)
     assert finished.shape == (len(images), 3, 32, 32) and finished.dtype == torch.float32
     assert torch.equal(labels, torch.tensor([s.label for s in split.val[: len(labels)]]))
+
+
+def test_cached_validation_inputs_equal_what_evaluate_and_predict_see(tmp_path):
+    """The threshold saved at training must meet the same scores at evaluation: same pixels."""
+    cfg, split = split_and_config(tmp_path)
+    _, val = make_loaders(cfg, split, pin_memory=False)
+    cached = torch.cat([device_transform(val)(images) for images, _ in val])
+    reference = ImageDataset(split.val, eval_transform(32), cfg.data.alpha_background)
+    assert torch.allclose(cached, torch.stack([reference[i][0] for i in range(len(reference))]), atol=1e-5)
 
 
 def test_pil_pipeline_keeps_the_seed_datasets(tmp_path):

@@ -7,17 +7,15 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 
 from anemia_dist.checkpointer import complete_checkpoints, read_info
 from anemia_dist.preemption import PREEMPTED_EXIT_CODE
 from anemia_dist.reporting import read_metrics
-from conftest import ROOT, TINY, check, launch, launch_command, make_image_folder, write_image
+from conftest import ROOT, TINY, check, launch, make_image_folder, write_image
 
 # A run that really trains (lr 1e-3), cuts the lr (patience 1) and unfreezes layer4 at epoch 3.
 SETTINGS = [*TINY, "optim.lr=1e-3", "scheduler.patience=1", "unfreeze.epoch=2", "early_stopping.patience=3"]
@@ -91,44 +89,25 @@ def test_two_process_run_resumes_on_one_process_with_its_scheduler_and_stopping_
         assert after["scheduler_best"] == before["scheduler_best"]
 
 
-def rank_pids(launcher: subprocess.Popen) -> dict[int, int]:
-    ranks = {}
-    for child in psutil.Process(launcher.pid).children(recursive=True):
-        try:
-            rank = child.environ().get("RANK")
-        except psutil.Error:
-            continue
-        if rank is not None and "anemia_dist" in " ".join(child.cmdline()):
-            ranks[int(rank)] = child.pid
-    return ranks
-
-
 @pytest.mark.multiprocess
 def test_signal_to_one_rank_saves_mid_epoch_and_the_resumed_run_matches(tmp_path):
     data = make_image_folder(tmp_path / "data", {"anemic": 30, "non-anemic": 40})
-    settings = ["train.batch_size=2", "train.epochs=3"]
+    settings = ["train.batch_size=2", "train.epochs=3"]  # 56 training images: 14 steps per epoch and rank
     check(train(data, tmp_path, "whole", 2, *settings))
 
     args = [*SETTINGS, f"data.root={data}", f"run.output_dir={tmp_path}", "run.name=cut", *settings]
-    command, env = launch_command(["-m", "anemia_dist", "train", *args], 2)
-    launcher = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    metrics = tmp_path / "cut" / "metrics.jsonl"
-    deadline = time.time() + 300
-    while not (metrics.exists() and metrics.read_text().count("\n") >= 1) and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.5)  # into epoch 2
-    ranks = rank_pids(launcher)
-    assert set(ranks) == {0, 1}
-    psutil.Process(ranks[1]).send_signal(signal.SIGUSR1)  # only rank 1 hears it
-    output, _ = launcher.communicate(timeout=300)
-    assert launcher.returncode != 0, output[-3000:]
+    # only rank 1 gets SIGUSR1, at its 5th step of epoch 2
+    cut = launch([str(ROOT / "tests" / "signal_at_step.py"), "1", str(14 + 5), *args], num_processes=2)
+    output = cut.stdout + cut.stderr
+    assert cut.returncode != 0, output[-3000:]
     assert re.search(rf"exitcode\s*:\s*{PREEMPTED_EXIT_CODE}", output), output[-3000:]
 
     marker = json.loads((tmp_path / "cut" / "preempted.json").read_text())
     saved = Path(marker["checkpoint"])
     progress = read_info(saved)["progress"]
-    assert progress["epoch"] == 1 and 0 < progress["step"] < 18, progress  # mid epoch 2 (18 batches)
-    assert saved.name == f"epoch-0001-step-{progress['step']:06d}"
+    assert (progress["epoch"], progress["step"]) == (1, 5), progress  # both ranks stopped after step 5
+    assert saved.name == "epoch-0001-step-000005"
+    assert [r["epoch"] for r in read_metrics(tmp_path / "cut")] == [1]
 
     check(train(data, tmp_path, "cut", 2, *settings, "run.resume=auto"))
     assert not (tmp_path / "cut" / "preempted.json").exists()
