@@ -255,7 +255,8 @@ def train(cfg: Config) -> dict[str, Any]:
     run.remove(PREEMPTED_FILE)
     accelerator.print(
         f"training {cfg.model.arch} on {len(split.train)} images, validating on {len(split.val)}, "
-        f"{accelerator.num_processes} process(es), classes {split.classes}, run dir {run.path}"
+        f"{accelerator.num_processes} process(es), mixed precision {accelerator.mixed_precision}, "
+        f"classes {split.classes}, run dir {run.path}"
     )
 
     stop_reason = "max_epochs"

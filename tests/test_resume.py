@@ -75,8 +75,9 @@ def checkpoint_state(checkpoint: Path) -> dict:
 def test_two_process_run_resumes_on_one_process_with_its_scheduler_and_stopping_state(tmp_path):
     data = make_image_folder(tmp_path / "data", {"anemic": 10, "non-anemic": 14})
     check(train(data, tmp_path, "r", 2, "train.epochs=3"))
-    before = checkpoint_state(tmp_path / "r" / "checkpoints" / "epoch-0003")
-    result = check(train(data, tmp_path, "r", 1, "train.epochs=4", "run.resume=auto"))
+    saved = tmp_path / "r" / "checkpoints" / "epoch-0003"
+    before = checkpoint_state(saved)
+    result = check(train(data, tmp_path, "r", 1, "train.epochs=4", f"run.resume={saved}"))  # an explicit path
     assert "resumed from" in result.stdout
     rows = read_metrics(tmp_path / "r")
     assert [r["world_size"] for r in rows] == [2, 2, 2, 1]
@@ -130,6 +131,9 @@ def test_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_pat
     assert "resumed from" in result.stdout and "epoch-0002" in result.stdout
     assert [r["epoch"] for r in read_metrics(tmp_path / "k")] == [1, 2, 3, 4, 5]
     assert not torn.exists(), "the torn checkpoint is cleaned up"
+    best = json.loads((tmp_path / "k" / "summary.json").read_text())["best_epoch"]
+    kept = {p.name for p in complete_checkpoints(checkpoints)}
+    assert kept == {"epoch-0004", "epoch-0005", f"epoch-{best:04d}"}, "the last 2 (keep_last) and the best"
 
 
 def test_resuming_with_another_arch_is_refused_naming_the_difference(tmp_path):

@@ -98,3 +98,11 @@ def test_trains_on_real_cp_anemic_folders(tmp_path, cp_anemic):
     assert len(rows) == 2 and all(r["val_loss"] > 0 for r in rows)
     with (tmp_path / "cp" / "splits.csv").open() as handle:
         assert sum(1 for _ in csv.DictReader(handle)) == 615
+
+
+def test_bf16_mixed_precision_from_the_config_trains_on_cpu(tmp_path, image_folder):
+    result = check(run_cli("train", *TINY, f"data.root={image_folder}", f"run.output_dir={tmp_path}", "run.name=bf",
+                           "train.epochs=1", "train.mixed_precision=bf16"))
+    rows = read_metrics(tmp_path / "bf")
+    assert len(rows) == 1 and rows[0]["val_loss"] > 0
+    assert "mixed precision bf16" in result.stdout
