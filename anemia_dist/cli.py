@@ -37,13 +37,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def demo_launch_command(num_processes: int, train_args: list[str]) -> list[str]:
-    """``accelerate launch`` as a user would type it, run through this interpreter."""
+def launch_command(num_processes: int, program: list[str], port: int | None = None) -> list[str]:
+    """``accelerate launch`` on one machine, as a user would type it, run through this interpreter."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1"]
     command += ["--num_processes", str(num_processes), "--mixed_precision", "no", "--dynamo_backend", "no"]
     if num_processes > 1:
-        command.append("--multi_gpu")  # with ACCELERATE_USE_CPU=true this means 2 CPU ranks over gloo
-    return command + ["-m", "anemia_dist", "train", *train_args]
+        command.append("--multi_gpu")  # with ACCELERATE_USE_CPU=true this means N CPU ranks over gloo
+    if port is not None:
+        command += ["--main_process_port", str(port)]
+    return command + program
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -66,7 +68,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not use_gpu:
         env["ACCELERATE_USE_CPU"] = "true"
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
-    command = demo_launch_command(processes, train_args + list(args.overrides))
+    command = launch_command(processes, ["-m", "anemia_dist", "train", *train_args, *args.overrides])
     shown = " ".join(["accelerate launch", *command[3:]])
     print(f"running: {'ACCELERATE_USE_CPU=true ' if not use_gpu else ''}{shown}", flush=True)
     result = subprocess.run(command, env=env)

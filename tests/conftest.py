@@ -5,13 +5,14 @@ from __future__ import annotations
 import csv
 import os
 import subprocess
-import sys
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+from anemia_dist.cli import launch_command
 
 ROOT = Path(__file__).resolve().parents[1]
 CP_ANEMIC = ROOT.parent / "shared" / "data" / "cp-anemic"
@@ -69,20 +70,13 @@ def make_manifest(root: Path, counts: dict[str, int], per_group: int = 2, size: 
     return write_csv(root / "manifest.csv", rows)
 
 
-def launch_command(args: list[str], num_processes: int = 2, env: dict | None = None) -> tuple[list[str], dict]:
+def launch(args: list[str], num_processes: int = 2, env: dict | None = None, timeout: int = 600):
     """``accelerate launch`` for real: 2 CPU ranks over gloo (``ACCELERATE_USE_CPU`` + ``--multi_gpu``).
 
     ``args`` follow the launcher: ``["-m", "anemia_dist", "train", ...]`` or a script path.
     """
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1"]
-    command += ["--num_processes", str(num_processes), "--mixed_precision", "no", "--dynamo_backend", "no"]
-    if num_processes > 1:
-        command += ["--multi_gpu", "--main_process_port", str(free_port())]
-    return command + args, {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", **(env or {})}
-
-
-def launch(args: list[str], num_processes: int = 2, env: dict | None = None, timeout: int = 600):
-    command, full_env = launch_command(args, num_processes, env)
+    command = launch_command(num_processes, args, port=free_port() if num_processes > 1 else None)
+    full_env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(command, env=full_env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
