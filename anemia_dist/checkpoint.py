@@ -31,9 +31,15 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    publish_directory(tmp, target)
+
+
+def publish_directory(tmp: Path, target: Path) -> None:
+    """Flush a fully written ``tmp`` to disk and rename it to ``target``, replacing any old one."""
     for written in tmp.iterdir():
-        with open(written, "rb") as handle:
-            os.fsync(handle.fileno())
+        if written.is_file():
+            with open(written, "rb") as handle:
+                os.fsync(handle.fileno())
     old = target.with_name(f".{target.name}.old-{os.getpid()}")
     if target.exists():
         os.rename(target, old)

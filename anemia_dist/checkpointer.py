@@ -9,7 +9,6 @@ killed mid-save leaves only the temporary directory, which resume ignores.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any, Optional
 
 from accelerate import Accelerator
 
+from .checkpoint import publish_directory
 from .config import ConfigError
 
 INFO_FILE = "checkpoint.json"
@@ -115,10 +115,7 @@ class Checkpointer:
         if accelerator.is_main_process:
             info = {"identity": self.identity, "progress": progress.state_dict(), "world_size": accelerator.num_processes}
             (tmp / INFO_FILE).write_text(json.dumps(info, indent=2))
-            _fsync_tree(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(tmp, final)
+            publish_directory(tmp, final)
             self._prune(keep={final.name, f"{PREFIX}{best_epoch:04d}"})
         accelerator.wait_for_everyone()
         return final
@@ -131,9 +128,3 @@ class Checkpointer:
             if path.name.startswith(TMP_PREFIX) or (path.name.startswith(PREFIX) and path.name not in keep):
                 shutil.rmtree(path, ignore_errors=True)
 
-
-def _fsync_tree(directory: Path) -> None:
-    for path in directory.iterdir():
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
