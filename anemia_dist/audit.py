@@ -1,7 +1,9 @@
 """Checks every image before training: bad files, exact and near duplicates, conflicting labels.
 
-Each file is read once, hashed (SHA-256 of the bytes), and decoded exactly as training decodes it
-(:func:`anemia_dist.images.to_rgb`), so a file that passes cannot crash an epoch. Near duplicates
+Each file is read once, hashed (SHA-256 of the bytes), and decoded as the decoded-image cache
+decodes it (:func:`anemia_dist.images.decode_rgb`, JPEGs at the reduced DCT scale the training
+size allows), so a file that passes cannot crash an epoch, and a 12-megapixel photo costs the
+audit about a sixth of a full decode. Near duplicates
 (re-encoded, resized or re-cut copies) are found with a 256-bit difference hash: the grey image
 shrunk to 17x16 pixels, one bit per horizontally adjacent pair (left brighter than right).
 """
@@ -25,7 +27,7 @@ from PIL import Image, UnidentifiedImageError
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from .images import to_rgb
+from .images import decode_rgb
 
 if TYPE_CHECKING:
     from .data import Sample
@@ -55,8 +57,11 @@ def dhash(image: Image.Image) -> bytes:
     return np.packbits(grey[:, :-1] > grey[:, 1:]).tobytes()
 
 
-def check_file(path: str, min_size: int, background: Sequence[int]) -> FileCheck:
-    """Read, hash and decode one file; every failure becomes a finding, never an exception."""
+def check_file(path: str, min_size: int, background: Sequence[int], decode_side: Optional[int] = None) -> FileCheck:
+    """Read, hash and decode one file; every failure becomes a finding, never an exception.
+
+    ``decode_side``: as :func:`anemia_dist.images.decode_rgb`'s ``min_side``; the sizes reported
+    are the file's own."""
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
@@ -70,8 +75,7 @@ def check_file(path: str, min_size: int, background: Sequence[int]) -> FileCheck
     try:
         with Image.open(io.BytesIO(data)) as image:
             fmt, (width, height) = image.format or fmt, image.size
-            image.load()
-            rgb = to_rgb(image, tuple(background))
+            rgb = decode_rgb(image, tuple(background), decode_side)
     except UnidentifiedImageError:
         return FileCheck(path, "not_image", f"not an image format Pillow can read ({len(data)} bytes)", digest)
     except Exception as error:  # Pillow signals damaged data with OSError, SyntaxError, ValueError, ...
@@ -247,12 +251,13 @@ def audit_samples(
     min_size: int,
     near_duplicate_distance: Optional[int],
     background: Sequence[int],
+    decode_side: Optional[int] = None,
 ) -> AuditReport:
     """Check every sample's file (in threads: decoding releases the GIL) and group the duplicates."""
     started = time.perf_counter()
     paths = [s.path for s in samples]
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        checks = list(pool.map(lambda p: check_file(p, min_size, background), paths))
+        checks = list(pool.map(lambda p: check_file(p, min_size, background, decode_side), paths))
     good = [i for i, check in enumerate(checks) if check.problem is None]
 
     by_content: dict[str, list[int]] = defaultdict(list)

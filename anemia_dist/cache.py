@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,17 +31,10 @@ from torch.utils.data import DataLoader, Dataset
 from .config import DataConfig
 from .data import DataError, SplitData
 from .gpu_augment import EvalResize, TrainAugment
-from .images import load_rgb
+from .images import load_rgb, working_size
 
-WORKING_SCALE = 1.2
-"""Working size / training size: at the largest zoom of the augmentation (scale 1.2) the
-training image still samples one stored pixel per output pixel."""
 FORMAT_VERSION = 1
 """Part of every disk key: bump it when decoding changes, and old entries are ignored."""
-
-
-def working_size(image_size: int) -> int:
-    return math.ceil(image_size * WORKING_SCALE)
 
 
 def content_key(path: str | Path, size: int, background: Sequence[int]) -> str:

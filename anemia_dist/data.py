@@ -25,7 +25,7 @@ from sklearn.utils.class_weight import compute_class_weight
 from .audit import AuditReport, audit_samples, connected_groups
 from .config import ConfigError, DataConfig, parse_condition
 from .distributed import broadcast_from_main
-from .images import IMAGE_EXTENSIONS, load_rgb
+from .images import IMAGE_EXTENSIONS, load_rgb, working_size
 
 
 @dataclass(frozen=True)
@@ -246,7 +246,9 @@ def load_samples(cfg: DataConfig) -> tuple[list[Sample], list[str]]:
 
 def audit_data(cfg: DataConfig) -> tuple[list[Sample], list[str], AuditReport]:
     samples, classes = load_samples(cfg)
-    report = audit_samples(samples, classes, cfg.min_size, cfg.near_duplicate_distance, cfg.alpha_background)
+    report = audit_samples(
+        samples, classes, cfg.min_size, cfg.near_duplicate_distance, cfg.alpha_background, working_size(cfg.image_size)
+    )
     return samples, classes, report
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -40,16 +41,31 @@ def _wide_to_rgb(image: Image.Image) -> Image.Image:
     return Image.fromarray(scaled.round().astype("uint8"), mode="L").convert("RGB")
 
 
-def load_rgb(path: str | Path, background: tuple[int, int, int], min_side: int | None = None) -> Image.Image:
-    """Decode ``path`` with :func:`to_rgb`.
+WORKING_SCALE = 1.2
+"""Decoded training images are kept at this multiple of the training size: at the largest zoom of
+the augmentation (scale 1.2) the training image still samples one stored pixel per output pixel."""
+
+
+def working_size(image_size: int) -> int:
+    return math.ceil(image_size * WORKING_SCALE)
+
+
+def decode_rgb(image: Image.Image, background: tuple[int, int, int], min_side: int | None = None) -> Image.Image:
+    """Decode an opened ``image`` with :func:`to_rgb`.
 
     ``min_side``: the caller will shrink the picture to about this size, so a JPEG may be decoded
     at a reduced DCT scale (1/2, 1/4 or 1/8) as long as both sides stay at least ``min_side``
     pixels. A 12-megapixel photo then decodes several times faster and at 1/64 of the memory.
-    Other formats ignore it.
+    Other formats ignore it. Damaged data still fails: the whole entropy-coded stream is read at
+    every scale.
     """
+    if min_side is not None:
+        image.draft(image.mode, (min_side, min_side))
+    image.load()
+    return to_rgb(image, background)
+
+
+def load_rgb(path: str | Path, background: tuple[int, int, int], min_side: int | None = None) -> Image.Image:
+    """Open ``path`` and :func:`decode_rgb` it."""
     with Image.open(path) as image:
-        if min_side is not None:
-            image.draft(image.mode, (min_side, min_side))
-        image.load()
-        return to_rgb(image, background)
+        return decode_rgb(image, background, min_side)

@@ -146,3 +146,28 @@ def test_audit_data_command_writes_the_report_and_fails_only_when_training_would
     err = capsys.readouterr().err
     assert all(name in err for name in BAD) and "data.bad_files=skip" in err
     assert main(["audit-data", f"data.root={root}", "data.bad_files=skip", "--out", str(tmp_path / "skip")]) == 0
+
+
+def test_audit_decodes_large_jpegs_at_the_training_scale_and_still_finds_truncation(tmp_path, monkeypatch):
+    # The audit decodes what the decoded-image cache decodes: a photo far above the training
+    # size at a reduced DCT scale. A cut-off stream must still fail at that scale.
+    from anemia_dist import audit as audit_module
+
+    root = make_image_folder(tmp_path / "data", {"anemic": 2, "non-anemic": 2})
+    photo = encoded(smooth_picture(3, size=1600).resize((1200, 1600)), "JPEG", quality=90)
+    (root / "anemic" / "photo.jpg").write_bytes(photo)
+    (root / "non-anemic" / "photo-cut.jpg").write_bytes(photo[: len(photo) * 3 // 4])
+    decoded_sizes = []
+    real = audit_module.decode_rgb
+
+    def spy(image, background, min_side):
+        rgb = real(image, background, min_side)
+        decoded_sizes.append(rgb.size)
+        return rgb
+
+    monkeypatch.setattr(audit_module, "decode_rgb", spy)
+    report = audit(root, image_size=64)  # the cache decodes at working_size(64) = 77 px
+    assert by_name(report) == {"photo-cut.jpg": "truncated"}
+    assert (150, 200) in decoded_sizes and (1200, 1600) not in decoded_sizes  # 1/8 scale: both sides >= 77
+    photo_check = next(c for c in report.checks if c.path.endswith("photo.jpg"))
+    assert (photo_check.width, photo_check.height) == (1200, 1600)  # the file's own size

@@ -13,13 +13,13 @@ from torch.utils.data import DataLoader
 
 from conftest import ROOT, TINY, check, launch, make_image_folder
 from anemia_dist import cache
-from anemia_dist.cache import CachedImages, decode, decode_all, working_size
+from anemia_dist.cache import CachedImages, decode, decode_all
 from anemia_dist.config import load_config
 from anemia_dist.data import DataError, ImageDataset, build_split
 from anemia_dist.engine import device_transform, make_loaders
 from anemia_dist.gpu_augment import EvalResize, TrainAugment
 from anemia_dist.transforms import eval_transform
-from anemia_dist.images import load_rgb
+from anemia_dist.images import load_rgb, working_size
 
 BACKGROUND = (124, 116, 104)
 
