@@ -27,11 +27,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from .cache import CachedImages, decode_all, working_size
+from .cache import CachedImages, decode_all
 from .config import ModelConfig
 from .data import ImageDataset, Sample
 from .gpu_augment import TrainAugment
-from .images import IMAGE_EXTENSIONS
+from .images import IMAGE_EXTENSIONS, working_size
 from .model import build_model, optimizer_param_groups, set_train_mode, unfreeze
 from .transforms import train_transform
 
@@ -180,7 +180,8 @@ class Trainer:
     on one device, without Accelerate: phase 1 has the whole backbone frozen, phase 2 layer4 too."""
 
     def __init__(self, args: argparse.Namespace, device: torch.device):
-        self.model = build_model(ModelConfig(arch=args.arch, weights="none"), num_classes=2).to(device)
+        model = build_model(ModelConfig(arch=args.arch, weights="none"), num_classes=2)
+        self.model = model.to(device, memory_format=torch.channels_last)  # as the engine's default
         if args.compile:
             self.model.compile()
         groups = optimizer_param_groups(self.model, ["layer4"])

@@ -269,8 +269,8 @@ class TrainConfig:
     mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = None
     """None: take it from ``accelerate launch`` / the accelerate config."""
     channels_last: bool = True
-    """data.pipeline=gpu: hand the model channels-last (NHWC) batches, the layout cuDNN's tensor
-    cores and oneDNN run fastest; the weights keep their layout, so checkpoints are unchanged."""
+    """Channels-last (NHWC) convolution weights, and (data.pipeline=gpu) batches: the layout
+    cuDNN's tensor cores and oneDNN run fastest. Checkpoints are saved contiguous either way."""
     compile: bool = False
     """``torch.compile`` the model (in place: same state-dict keys; recompiles once after the
     unfreeze). Pays on long GPU runs; the first steps wait for compilation."""

@@ -229,6 +229,8 @@ def train(cfg: Config) -> dict[str, Any]:
     class_weights = balanced_class_weights(split.train, len(split.classes)).to(accelerator.device)
     train_loader, val_loader = make_loaders(cfg, split, pin_memory=accelerator.device.type == "cuda")
     model = build_model(cfg.model, len(split.classes))
+    if cfg.train.channels_last:  # weights in the batches' layout: no conversion inside every convolution
+        model.to(memory_format=torch.channels_last)
     if cfg.train.compile:
         model.compile()  # in place: state-dict keys, unwrap_model and the DDP re-wrap are unchanged
     groups = optimizer_param_groups(model, cfg.unfreeze.layers)
