@@ -86,6 +86,21 @@ class _DecodeOrLoad(Dataset):
         return decode(path, self.size, self.background), key, True
 
 
+class DecodedOnAccess(Dataset):
+    """The cache's decode, one file per access in the loader workers (stored ``cache_dir`` entries
+    are read, none written): for evaluate and predict, which see each image once, so their inputs
+    are the very pixels training validated on."""
+
+    def __init__(self, paths: Sequence[str], size: int, background: Sequence[int], cache_dir: Optional[str | Path]):
+        self.jobs = _DecodeOrLoad(paths, size, background, Path(cache_dir) if cache_dir is not None else None)
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.jobs[index][0]
+
+
 def _read_entry(path: Path, size: int) -> Optional[torch.Tensor]:
     """A stored image, or None when absent or unusable (it is then decoded and rewritten)."""
     try:
@@ -138,13 +153,13 @@ def decode_all(
 
 
 class CachedImages(Dataset):
-    """(uint8 image [3, W, W], label) pairs from the decoded tensor.
+    """(uint8 image [3, W, W], label) pairs from the decoded tensor (or :class:`DecodedOnAccess`).
 
     ``batch_transform`` finishes a collated batch on the training device (augmentation or
     resize, then normalisation); the engine applies it after the batch is moved there.
     """
 
-    def __init__(self, images: torch.Tensor, labels: Sequence[int], batch_transform: Callable):
+    def __init__(self, images: torch.Tensor | DecodedOnAccess, labels: Sequence[int], batch_transform: Callable):
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
         self.images = images

@@ -73,7 +73,8 @@ class DataConfig:
     written, PIL transforms per image in the loader workers, decoding every epoch (for comparison)."""
     cache_dir: Optional[str] = None
     """data.pipeline=gpu: also keep the decoded images in this folder, keyed by file content, so
-    later runs skip decoding. Must be visible to every node; only the main process writes it."""
+    later runs skip decoding; ``evaluate`` reads them too. Must be visible to every node; only the
+    main process of a training run writes it."""
     alpha_background: list[int] = field(default_factory=lambda: [124, 116, 104])
     """RGB colour that transparent pixels are composited onto (the ImageNet mean: neutral after
     normalisation). Real conjunctiva crops are RGBA with the mask in alpha."""

@@ -22,13 +22,14 @@ from tqdm.auto import tqdm
 
 from . import checkpoint
 from .config import Config, ConfigError, load_config, parse_override
-from .data import DataError, ImageDataset, Sample, load_source
+from .cache import CachedImages, DecodedOnAccess
+from .data import DataError, Sample, load_source
 from .engine import validate
 from .evaluation import OperatingPoint, apply_temperature, negative_name, summarize
+from .gpu_augment import EvalResize
 from .images import IMAGE_EXTENSIONS
 from .report import write_report
 from .reporting import read_metrics
-from .transforms import eval_transform
 
 # Settings that belong to the model: evaluating with other values would not test the saved model.
 FROM_CHECKPOINT = {"data.image_size", "data.alpha_background", "data.classes", "data.root", "data.manifest"}
@@ -36,12 +37,17 @@ FROM_CHECKPOINT = {"data.image_size", "data.alpha_background", "data.classes", "
 
 def load_model(directory: str | Path) -> tuple[torch.nn.Module, dict[str, Any], OperatingPoint]:
     model, meta = checkpoint.load_best(Path(directory))
+    model.to(memory_format=torch.channels_last)  # the layout of model_inputs' batches, as in training
     return model, meta, OperatingPoint.from_meta(meta, str(Path(directory) / checkpoint.META_FILE))
 
 
-def model_inputs(samples: Sequence[Sample], meta: dict[str, Any]) -> ImageDataset:
-    """The images as the model saw its validation images during training."""
-    return ImageDataset(samples, eval_transform(meta["image_size"]), meta["alpha_background"])
+def model_inputs(samples: Sequence[Sample], meta: dict[str, Any], cache_dir: Optional[str] = None) -> CachedImages:
+    """The images decoded as training decoded its validation images (uint8 at the saved size;
+    ``batch_transform`` normalises a batch on the device), so the saved threshold meets the
+    scores it was chosen on."""
+    size = meta["image_size"]
+    decoded = DecodedOnAccess([s.path for s in samples], size, meta["alpha_background"], cache_dir)
+    return CachedImages(decoded, [s.label for s in samples], EvalResize(size))
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -99,7 +105,7 @@ def evaluate(
             f"{data}: {len(missing)} listed image(s) do not exist:\n  {listed}\nFix the paths or remove the rows."
         )
     loader = DataLoader(
-        model_inputs(samples, meta),
+        model_inputs(samples, meta, cfg.data.cache_dir),
         batch_size=batch_size,
         shuffle=False,
         num_workers=cfg.data.num_workers,
@@ -173,9 +179,9 @@ def find_images(inputs: Sequence[str | Path]) -> list[Path]:
 
 
 class ReadOrReport(Dataset):
-    """The evaluation preprocessing, with a file that cannot be decoded reported instead of raised."""
+    """The evaluation inputs, with a file that cannot be decoded reported instead of raised."""
 
-    def __init__(self, images: ImageDataset, size: int):
+    def __init__(self, images: CachedImages, size: int):
         self.images = images
         self.size = size
 
@@ -186,7 +192,7 @@ class ReadOrReport(Dataset):
         try:
             return self.images[index][0], ""
         except Exception as error:  # any decoding failure belongs to this file, not to the run
-            return torch.zeros(3, self.size, self.size), f"{type(error).__name__}: {error}"
+            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), f"{type(error).__name__}: {error}"
 
 
 @torch.no_grad()
@@ -213,7 +219,8 @@ def predict(
     negative = negative_name(meta["classes"], point.positive_class)
     scores, errors = [], []
     for batch, batch_errors in tqdm(loader, desc="predict", file=sys.stderr):
-        probs = model(batch.to(device, non_blocking=True)).float().softmax(dim=1).double().cpu().numpy()
+        inputs = images.batch_transform(batch.to(device, non_blocking=True))
+        probs = model(inputs).float().softmax(dim=1).double().cpu().numpy()
         scores.append(apply_temperature(probs, point.temperature)[:, positive])
         errors += batch_errors
     rows = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from anemia_dist.config import load_config
 from anemia_dist.data import DataError, ImageDataset, build_split
 from anemia_dist.engine import device_transform, make_loaders
 from anemia_dist.gpu_augment import EvalResize, TrainAugment
+from anemia_dist.predict import model_inputs
 from anemia_dist.transforms import eval_transform
 from anemia_dist.images import load_rgb, working_size
 
@@ -167,13 +169,36 @@ def test_gpu_pipeline_loaders_serve_cached_uint8_batches_finished_on_the_device(
     assert torch.equal(labels, torch.tensor([s.label for s in split.val[: len(labels)]]))
 
 
-def test_cached_validation_inputs_equal_what_evaluate_and_predict_see(tmp_path):
-    """The threshold saved at training must meet the same scores at evaluation: same pixels."""
+def test_cached_validation_inputs_equal_the_seed_eval_transform_on_pngs(tmp_path):
     cfg, split = split_and_config(tmp_path)
     _, val = make_loaders(cfg, split, pin_memory=False)
     cached = torch.cat([device_transform(val)(images) for images, _ in val])
     reference = ImageDataset(split.val, eval_transform(32), cfg.data.alpha_background)
     assert torch.allclose(cached, torch.stack([reference[i][0] for i in range(len(reference))]), atol=1e-5)
+
+
+def test_evaluate_and_predict_inputs_are_the_pixels_training_validated_on(tmp_path):
+    """The threshold saved at training must meet the same scores at evaluation: same pixels, also
+    for JPEGs far above the training size, which both decode at a reduced DCT scale."""
+    data = make_image_folder(tmp_path / "data", {"anemic": 4, "non-anemic": 4})
+    for name, seed in (("anemic", 1), ("non-anemic", 2)):
+        coarse = np.random.default_rng(seed).integers(0, 255, (5, 7, 3), dtype=np.uint8)
+        Image.fromarray(coarse).resize((448, 320), Image.Resampling.BICUBIC).save(data / name / "photo.jpg", quality=85)
+    cfg = load_config(None, [*TINY, f"data.root={data}"])
+    split = build_split(cfg.data, cfg.train.seed)
+    everything = dataclasses.replace(split, val=split.train + split.val)  # validate on every file
+    _, val = make_loaders(cfg, everything, pin_memory=False)
+    validated = torch.cat([images for images, _ in val])
+    meta = {"image_size": 32, "alpha_background": cfg.data.alpha_background}
+    inputs = model_inputs(everything.val, meta)
+    evaluated = torch.stack([inputs[i][0] for i in range(len(inputs))])
+    assert torch.equal(validated, evaluated) and validated.dtype == torch.uint8
+    assert device_transform(val).__class__ is inputs.batch_transform.__class__ is EvalResize
+    # A negative control: the seed's full-resolution decode gives other pixels for the photos.
+    photos = [i for i, s in enumerate(everything.val) if s.path.endswith(".jpg")]
+    seed_eval = ImageDataset([everything.val[i] for i in photos], eval_transform(32), cfg.data.alpha_background)
+    full = torch.stack([seed_eval[k][0] for k in range(len(photos))])
+    assert len(photos) == 2 and not torch.allclose(EvalResize(32)(evaluated[photos]), full, atol=1e-3)
 
 
 def test_pil_pipeline_keeps_the_seed_datasets(tmp_path):

@@ -140,3 +140,24 @@ def test_evaluate_on_cp_anemic(tmp_path, cp_anemic):
     assert record["positive_class"] == "Anemic" and record["negative_class"] == "Non-anemic"
     assert record["auroc"] is not None and record["ci"]["auroc"]["low"] <= record["auroc"] <= record["ci"]["auroc"]["high"]
     assert (tmp_path / "report" / "report.html").is_file()
+
+
+def test_evaluate_reads_the_decoded_images_a_training_run_stored_in_cache_dir(tmp_path, monkeypatch):
+    from anemia_dist import cache
+
+    best = make_best(tmp_path / "best", ["anemic", "non-anemic"])
+    folder = make_image_folder(tmp_path / "images", {"anemic": 5, "non-anemic": 4})
+    store = tmp_path / "cache"
+    paths = sorted(str(p) for p in folder.rglob("*.png"))
+    cache.decode_all(paths, 32, [124, 116, 104], cache_dir=store)  # what training stores for validation
+    report = dict(report_dir=tmp_path / "report")
+    expected = evaluate(best, folder, ["data.num_workers=0"], **report)
+
+    def no_decoding(*args):
+        raise AssertionError("decoded although the cache holds the image")
+
+    monkeypatch.setattr(cache, "decode", no_decoding)
+    stored = evaluate(best, folder, ["data.num_workers=0", f"data.cache_dir={store}"], **report)
+    assert stored["n"] == 9 and stored["auroc"] == expected["auroc"] and stored["loss"] == expected["loss"]
+    with pytest.raises(AssertionError, match="decoded although"):  # without it, every file is decoded
+        evaluate(best, folder, ["data.num_workers=0"], **report)
