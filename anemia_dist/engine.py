@@ -156,7 +156,7 @@ def train_one_epoch(
                     (weights * F.cross_entropy(logits.float(), labels, reduction="none")).sum().double(),
                     weights.sum().double(),
                     (logits.argmax(1) == labels).sum().double(),
-                    torch.tensor(float(len(labels)), dtype=torch.float64, device=totals.device),
+                    labels.new_full((), len(labels), dtype=torch.float64),  # filled there: no copy, no wait
                 ]
             )
         if step % 20 == 0:  # .item() waits for the device; every step would stall the pipeline

@@ -36,17 +36,18 @@ class PreemptionWatcher:
         self.received: Optional[int] = None
         distributed = accelerator.num_processes > 1
         self._group = dist.new_group(backend="gloo") if distributed and accelerator.device.type != "cpu" else None
-        self._distributed = distributed
+        self._flag = torch.zeros(1, dtype=torch.int32) if distributed else None
         self._previous = {sig: signal.signal(sig, self._handle) for sig in PREEMPTION_SIGNALS}
 
     def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
         self.received = signum
 
     def agreed(self) -> bool:
-        flag = torch.tensor([0 if self.received is None else 1], dtype=torch.int32)
-        if self._distributed:
-            dist.all_reduce(flag, group=self._group)
-        return bool(flag.item() > 0)
+        if self._flag is None:
+            return self.received is not None
+        self._flag.fill_(self.received is not None)
+        dist.all_reduce(self._flag, group=self._group)
+        return bool(self._flag.item() > 0)
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

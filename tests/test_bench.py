@@ -6,12 +6,15 @@ import json
 import subprocess
 import sys
 import textwrap
+import traceback
+from pathlib import Path
 
 import pytest
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import ROOT, TINY, check, launch, make_image_folder
 from anemia_dist.bench import make_photos, run_bench as run_bench_in_process
@@ -136,3 +139,56 @@ def test_compiled_model_under_ddp_keeps_layer4_identical_on_both_ranks_after_the
     ranks = [json.loads((tmp_path / f"rank{k}.json").read_text()) for k in (0, 1)]
     assert ranks[0] == ranks[1], "DDP all-reduces the unfrozen layer4 of the compiled model"
     assert len(set(ranks[0])) == 3, "layer4 trains after the unfreeze (epochs 2 and 3)"
+
+
+class HostDeviceTraffic(TorchDispatchMode):
+    """Counts, among the ops this package's own code issues, ``.item()`` reads (on a GPU the host
+    waits for the device) and tensors built from host values (on a GPU a blocking copy, which
+    waits too). On the CPU the same ops run, so the count is what a GPU run would do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.readbacks = self.uploads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        watched = func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.lift_fresh.default)
+        if watched and self.issued_by_this_package():
+            self.readbacks += func is torch.ops.aten._local_scalar_dense.default
+            self.uploads += func is torch.ops.aten.lift_fresh.default
+        return func(*args, **(kwargs or {}))
+
+    @staticmethod
+    def issued_by_this_package() -> bool:
+        """The innermost caller outside torch is in anemia_dist: torch's own host-side
+        bookkeeping (Adam's CPU step counters, the sampler's seed) is not device traffic."""
+        torch_dir = Path(torch.__file__).parent
+        for frame in reversed(traceback.extract_stack()[:-2]):
+            if not Path(frame.filename).is_relative_to(torch_dir):
+                return Path(frame.filename).is_relative_to(ROOT / "anemia_dist")
+        return False
+
+
+def test_training_steps_neither_wait_for_nor_copy_to_the_device(tmp_path, monkeypatch):
+    # Per step the host only queues work: the loss is read back for the progress bar every 20
+    # steps and the epoch's totals are uploaded once; the preemption flag is plain Python on one
+    # process (under DDP an all-reduce over a CPU group).
+    from anemia_dist import engine, gpu_augment
+    from anemia_dist.config import load_config
+
+    traffic = []
+    real = engine.train_one_epoch
+
+    def recorded(*args, **kwargs):
+        with HostDeviceTraffic() as counter:
+            stats = real(*args, **kwargs)
+        traffic.append((stats.steps, counter.uploads, counter.readbacks))
+        return stats
+
+    monkeypatch.setattr(engine, "train_one_epoch", recorded)
+    gpu_augment._constants(torch.device("cpu"))  # copied to a device once per process: not per step
+    data = make_image_folder(tmp_path / "data", {"anemic": 12, "non-anemic": 12})
+    cfg = load_config(None, [*TINY, f"data.root={data}", "train.batch_size=2", "train.epochs=2", "unfreeze.epoch=1",
+                             "data.val_fraction=0.25", f"run.output_dir={tmp_path / 'runs'}", "run.name=r",
+                             "eval.bootstrap=100"])
+    engine.train(cfg)
+    assert traffic == [(9, 1, 1), (9, 1, 1)]  # 9 steps per epoch, before and after the unfreeze
