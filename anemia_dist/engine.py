@@ -188,10 +188,11 @@ def validate(
         logits = model(transform(images)).float()
         loss = F.cross_entropy(logits, targets, reduction="none")
         loss, targets, prob = accelerator.gather_for_metrics((loss, targets, logits.softmax(dim=1)))
-        losses.append(loss.double().cpu())
-        labels.append(targets.cpu())
-        probs.append(prob.double().cpu())
-    loss, labels_all, probs_all = torch.cat(losses), torch.cat(labels), torch.cat(probs)
+        losses.append(loss.double())
+        labels.append(targets)
+        probs.append(prob.double())
+    # One copy to the host for the whole set, not a wait for the device per batch.
+    loss, labels_all, probs_all = (torch.cat(parts).cpu() for parts in (losses, labels, probs))
     weights = class_weights.double().cpu()[labels_all]
     weighted = float((weights * loss).sum() / weights.sum())
     accuracy = float((probs_all.argmax(1) == labels_all).double().mean())
