@@ -3,9 +3,9 @@
 Each file is read once, hashed (SHA-256 of the bytes), and decoded as the decoded-image cache
 decodes it (:func:`anemia_dist.images.decode_rgb`, JPEGs at the reduced DCT scale the training
 size allows), so a file that passes cannot crash an epoch, and a 12-megapixel photo costs the
-audit about a sixth of a full decode. Near duplicates
-(re-encoded, resized or re-cut copies) are found with a 256-bit difference hash: the grey image
-shrunk to 17x16 pixels, one bit per horizontally adjacent pair (left brighter than right).
+audit about a fifth of a full decode. Near duplicates (re-encoded, resized or re-cut copies) are
+found with a 256-bit difference hash: the grey image shrunk to 17x16 pixels, one bit per
+horizontally adjacent pair (left brighter than right).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def dhash(image: Image.Image) -> bytes:
     return np.packbits(grey[:, :-1] > grey[:, 1:]).tobytes()
 
 
-def check_file(path: str, min_size: int, background: Sequence[int], decode_side: Optional[int] = None) -> FileCheck:
+def check_file(path: str, min_size: int, background: Sequence[int], decode_side: int) -> FileCheck:
     """Read, hash and decode one file; every failure becomes a finding, never an exception.
 
     ``decode_side``: as :func:`anemia_dist.images.decode_rgb`'s ``min_side``; the sizes reported
@@ -251,7 +251,7 @@ def audit_samples(
     min_size: int,
     near_duplicate_distance: Optional[int],
     background: Sequence[int],
-    decode_side: Optional[int] = None,
+    decode_side: int,
 ) -> AuditReport:
     """Check every sample's file (in threads: decoding releases the GIL) and group the duplicates."""
     started = time.perf_counter()
