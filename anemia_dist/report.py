@@ -66,6 +66,11 @@ def _operating_label(result: dict[str, Any]) -> str:
     return f"threshold {result['threshold']:.3f} ({result['threshold_rule']})"
 
 
+def _mark_operating_point(axis, x: float, y: float, result: dict[str, Any], values: str) -> None:
+    """The saved threshold's point on a curve, labelled with the rule that chose it."""
+    axis.plot(x, y, "o", color=OPERATING_COLOUR, markersize=10, label=f"{_operating_label(result)}:\n{values}")
+
+
 def plot_roc(pred: Predictions, result: dict[str, Any], path: Path) -> None:
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(5.6, 5.4), constrained_layout=True)
@@ -74,14 +79,9 @@ def plot_roc(pred: Predictions, result: dict[str, Any], path: Path) -> None:
         axis.plot(fpr, tpr, color="tab:blue", linewidth=2, label=f"model, AUROC {_with_ci(result, 'auroc')}")
     axis.plot([0, 1], [0, 1], linestyle="--", color="grey", label="chance (AUROC 0.5)")
     if result["sensitivity"] is not None and result["specificity"] is not None:
-        axis.plot(
-            1 - result["specificity"],
-            result["sensitivity"],
-            "o",
-            color=OPERATING_COLOUR,
-            markersize=10,
-            label=f"{_operating_label(result)}:\nsensitivity {result['sensitivity']:.2f}, "
-            f"specificity {result['specificity']:.2f}",
+        _mark_operating_point(
+            axis, 1 - result["specificity"], result["sensitivity"], result,
+            f"sensitivity {result['sensitivity']:.2f}, specificity {result['specificity']:.2f}",
         )
     axis.set(
         xlim=(0, 1),
@@ -112,13 +112,9 @@ def plot_precision_recall(pred: Predictions, result: dict[str, Any], path: Path)
                   label=f"model, AUPRC {_with_ci(result, 'auprc')}")
     axis.axhline(prevalence, linestyle="--", color="grey", label=f"chance (prevalence {prevalence:.2f})")
     if result["sensitivity"] is not None and result["ppv"] is not None:
-        axis.plot(
-            result["sensitivity"],
-            result["ppv"],
-            "o",
-            color=OPERATING_COLOUR,
-            markersize=10,
-            label=f"{_operating_label(result)}:\nsensitivity {result['sensitivity']:.2f}, PPV {result['ppv']:.2f}",
+        _mark_operating_point(
+            axis, result["sensitivity"], result["ppv"], result,
+            f"sensitivity {result['sensitivity']:.2f}, PPV {result['ppv']:.2f}",
         )
     axis.set(
         xlim=(0, 1),
