@@ -17,10 +17,11 @@ import json
 import os
 import time
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -44,7 +45,7 @@ class FileCheck:
     unreadable, empty, not_image, truncated, corrupt or too_small."""
 
     path: str
-    problem: Optional[str] = None
+    problem: str | None = None
     detail: str = ""
     sha256: str = ""
     dhash: bytes = b""
@@ -146,7 +147,7 @@ class AuditReport:
     near_groups: list[list[int]]
     """Samples whose distinct files are near duplicates of each other (with all their exact copies)."""
     min_size: int
-    near_duplicate_distance: Optional[int]
+    near_duplicate_distance: int | None
     seconds: float = 0.0
     conflicts: list[tuple[str, int]] = field(init=False)
     """(``exact``/``near``, group index) of groups whose copies carry different labels."""
@@ -166,20 +167,22 @@ class AuditReport:
     def bad(self) -> list[int]:
         return [i for i, check in enumerate(self.checks) if check.problem is not None]
 
-    def class_counts(self, indices: Optional[Sequence[int]] = None) -> dict[str, int]:
+    def class_counts(self, indices: Sequence[int] | None = None) -> dict[str, int]:
         counts = Counter(self.labels[i] for i in (range(len(self.labels)) if indices is None else indices))
         return dict(sorted(counts.items()))
 
     def rows(self) -> list[dict[str, str]]:
         """Every finding, one row per file: kind, path, label, group, detail."""
-        rows = [
-            self._row(check.problem, i, "", check.detail) for i, check in enumerate(self.checks) if check.problem
-        ]
-        for prefix, kind, groups in (("E", "exact_duplicate", self.exact_groups), ("N", "near_duplicate", self.near_groups)):
+        rows = [self._row(check.problem, i, "", check.detail) for i, check in enumerate(self.checks) if check.problem]
+        for prefix, kind, groups in (
+            ("E", "exact_duplicate", self.exact_groups),
+            ("N", "near_duplicate", self.near_groups),
+        ):
             for index, group in enumerate(groups):
                 detail = f"{len(group)} files" + (
-                    f", sha256 {self.checks[group[0]].sha256[:16]}" if prefix == "E" else
-                    f", dHash distance <= {self.near_duplicate_distance} of 256 bits"
+                    f", sha256 {self.checks[group[0]].sha256[:16]}"
+                    if prefix == "E"
+                    else f", dHash distance <= {self.near_duplicate_distance} of 256 bits"
                 )
                 rows += [self._row(kind, i, f"{prefix}{index + 1}", detail) for i in group]
         for scope, index in self.conflicts:
@@ -190,7 +193,13 @@ class AuditReport:
         return rows
 
     def _row(self, kind: str, index: int, group: str, detail: str) -> dict[str, str]:
-        return {"kind": kind, "path": self.checks[index].path, "label": self.labels[index], "group": group, "detail": detail}
+        return {
+            "kind": kind,
+            "path": self.checks[index].path,
+            "label": self.labels[index],
+            "group": group,
+            "detail": detail,
+        }
 
     def summary(self) -> dict[str, object]:
         bad = Counter(self.checks[i].problem for i in self.bad)
@@ -246,10 +255,10 @@ class AuditReport:
 
 
 def audit_samples(
-    samples: Sequence["Sample"],
+    samples: Sequence[Sample],
     classes: Sequence[str],
     min_size: int,
-    near_duplicate_distance: Optional[int],
+    near_duplicate_distance: int | None,
     background: Sequence[int],
     decode_side: int,
 ) -> AuditReport:

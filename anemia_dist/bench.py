@@ -16,10 +16,10 @@ import os
 import platform
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -45,15 +45,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", default="resnet50", choices=["resnet18", "resnet34", "resnet50", "resnet101"])
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=None,
-                        help="loader workers for both pipelines; default 0 on CPU (one core each), 8 on a GPU")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="loader workers for both pipelines; default 0 on CPU (one core each), 8 on a GPU",
+    )
     parser.add_argument("--small", type=int, default=64, help="generated 640x480 JPEGs")
     parser.add_argument("--large", type=int, default=12, help="generated 3000x4000 JPEGs")
     parser.add_argument("--seconds", type=float, default=3.0, help="minimum timed seconds per data measurement")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per model measurement")
     parser.add_argument("--e2e-steps", type=int, default=20, help="timed end-to-end training steps per pipeline")
-    parser.add_argument("--precision", choices=["bf16", "fp32"], default=None,
-                        help="default: bf16 autocast on a GPU that supports it, else fp32")
+    parser.add_argument(
+        "--precision",
+        choices=["bf16", "fp32"],
+        default=None,
+        help="default: bf16 autocast on a GPU that supports it, else fp32",
+    )
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (model rates only)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
 
@@ -123,8 +131,14 @@ def image_sets(args: argparse.Namespace, scratch: Path) -> dict[str, list[Sample
 # --------------------------------------------------------------------------- measuring
 
 
-def rate(batches: Iterator[int], sync: Callable[[], None], min_seconds: float = 0.0, min_images: int = 0,
-         steps: int = 0, warmup: int = 1) -> float:
+def rate(
+    batches: Iterator[int],
+    sync: Callable[[], None],
+    min_seconds: float = 0.0,
+    min_images: int = 0,
+    steps: int = 0,
+    warmup: int = 1,
+) -> float:
     """Images/s after ``warmup`` untimed batches (worker start-up, first decode, kernel selection)."""
     for _ in range(warmup):
         next(batches)
@@ -148,8 +162,12 @@ def endless(loader: DataLoader, finish: Callable, device: torch.device) -> Itera
 
 def loader_for(dataset, args: argparse.Namespace, device: torch.device) -> DataLoader:
     return DataLoader(
-        dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
-        pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
+        dataset,
+        batch_size=args.batch_size,
+        shuffle=True,
+        num_workers=args.workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=args.workers > 0,
     )
 
 
@@ -157,7 +175,9 @@ def seed_loader(samples: list[Sample], args: argparse.Namespace, device: torch.d
     return loader_for(ImageDataset(samples, train_transform(args.image_size), BACKGROUND), args, device)
 
 
-def cached_loader(samples: list[Sample], args: argparse.Namespace, device: torch.device) -> tuple[DataLoader, float, int]:
+def cached_loader(
+    samples: list[Sample], args: argparse.Namespace, device: torch.device
+) -> tuple[DataLoader, float, int]:
     started = time.perf_counter()
     images, stats = decode_all([s.path for s in samples], working_size(args.image_size), BACKGROUND, args.workers)
     built = time.perf_counter() - started
@@ -167,11 +187,16 @@ def cached_loader(samples: list[Sample], args: argparse.Namespace, device: torch
 
 def data_rates(name: str, samples: list[Sample], args: argparse.Namespace, device: torch.device, sync) -> DataResult:
     identity = torch.nn.Identity()
-    seed = rate((len(x) for x, _ in endless(seed_loader(samples, args, device), identity, device)), sync,
-                args.seconds, len(samples))
+    seed = rate(
+        (len(x) for x, _ in endless(seed_loader(samples, args, device), identity, device)),
+        sync,
+        args.seconds,
+        len(samples),
+    )
     loader, built, decoded = cached_loader(samples, args, device)
-    cached = rate((len(x) for x, _ in endless(loader, loader.dataset.batch_transform, device)), sync,
-                  args.seconds, len(samples))
+    cached = rate(
+        (len(x) for x, _ in endless(loader, loader.dataset.batch_transform, device)), sync, args.seconds, len(samples)
+    )
     return DataResult(name, len(samples), seed, cached, cached / seed, built, decoded)
 
 
@@ -229,7 +254,9 @@ def model_rates(trainer: Trainer, args: argparse.Namespace, device: torch.device
     return ModelResult(forward_rate, phase1, phase2, phase1 / forward_rate, phase2 / phase1)
 
 
-def end_to_end(name: str, samples: list[Sample], args: argparse.Namespace, device: torch.device, sync) -> EndToEndResult:
+def end_to_end(
+    name: str, samples: list[Sample], args: argparse.Namespace, device: torch.device, sync
+) -> EndToEndResult:
     """Phase-1 training steps fed by each pipeline (a fresh model each, same settings)."""
 
     def run(loader: DataLoader, finish: Callable) -> float:
@@ -255,7 +282,9 @@ def machine(device: torch.device) -> dict:
     cpu = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        names = [
+            line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")
+        ]
         cpu = names[0] if names else cpu
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     info = {"cpu": cpu, "cpu_cores": cores, "torch": torch.__version__, "device": str(device)}

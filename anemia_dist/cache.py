@@ -18,14 +18,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from accelerate import PartialState
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .config import DataConfig
@@ -70,13 +70,13 @@ class CacheStats:
 class _DecodeOrLoad(Dataset):
     """Loader-worker job: read the image from the disk cache if present, else decode it."""
 
-    def __init__(self, paths: Sequence[str], size: int, background: Sequence[int], cache_dir: Optional[Path]):
+    def __init__(self, paths: Sequence[str], size: int, background: Sequence[int], cache_dir: Path | None):
         self.paths, self.size, self.background, self.cache_dir = list(paths), size, tuple(background), cache_dir
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, Optional[str], bool]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str | None, bool]:
         path = self.paths[index]
         key = content_key(path, self.size, self.background) if self.cache_dir is not None else None
         if key is not None:
@@ -91,7 +91,7 @@ class DecodedOnAccess(Dataset):
     are read, none written): for evaluate and predict, which see each image once, so their inputs
     are the very pixels training validated on."""
 
-    def __init__(self, paths: Sequence[str], size: int, background: Sequence[int], cache_dir: Optional[str | Path]):
+    def __init__(self, paths: Sequence[str], size: int, background: Sequence[int], cache_dir: str | Path | None):
         self.jobs = _DecodeOrLoad(paths, size, background, Path(cache_dir) if cache_dir is not None else None)
 
     def __len__(self) -> int:
@@ -101,7 +101,7 @@ class DecodedOnAccess(Dataset):
         return self.jobs[index][0]
 
 
-def _read_entry(path: Path, size: int) -> Optional[torch.Tensor]:
+def _read_entry(path: Path, size: int) -> torch.Tensor | None:
     """A stored image, or None when absent or unusable (it is then decoded and rewritten)."""
     try:
         array = np.load(path, allow_pickle=False)
@@ -125,7 +125,7 @@ def decode_all(
     size: int,
     background: Sequence[int],
     num_workers: int = 0,
-    cache_dir: Optional[str | Path] = None,
+    cache_dir: str | Path | None = None,
     write: bool = True,
 ) -> tuple[torch.Tensor, CacheStats]:
     """Every image of ``paths`` as one uint8 tensor [N, 3, size, size].

@@ -12,7 +12,7 @@ import json
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from accelerate import Accelerator
 
@@ -36,7 +36,7 @@ class TrainingProgress:
     """Global training totals (Σw·ℓ, Σw, correct, n) of those batches."""
     partial_seconds: float = 0.0
     unfrozen: bool = False
-    tracker_run_id: Optional[str] = None
+    tracker_run_id: str | None = None
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -76,12 +76,13 @@ def check_compatible(checkpoint: Path, identity: dict[str, Any]) -> None:
     ]
     if differences:
         raise CheckpointMismatch(
-            f"{checkpoint}: written for a different setup; " + "; ".join(differences)
+            f"{checkpoint}: written for a different setup; "
+            + "; ".join(differences)
             + ". Resume with the run's own config.yaml, or start a new run.name."
         )
 
 
-def resolve_resume(resume: Optional[str], checkpoints: Path) -> Optional[Path]:
+def resolve_resume(resume: str | None, checkpoints: Path) -> Path | None:
     """``auto``: the newest complete checkpoint, or none; a path: that checkpoint."""
     if resume is None:
         return None
@@ -90,7 +91,9 @@ def resolve_resume(resume: Optional[str], checkpoints: Path) -> Optional[Path]:
         return found[-1] if found else None
     path = Path(resume)
     if not (path / INFO_FILE).is_file():
-        raise ConfigError(f"run.resume: {resume!r} is not a complete checkpoint (no {INFO_FILE}); use auto or a path under RUN/checkpoints/")
+        raise ConfigError(
+            f"run.resume: {resume!r} is not a complete checkpoint (no {INFO_FILE}); use auto or a path under RUN/checkpoints/"
+        )
     return path
 
 
@@ -113,7 +116,11 @@ class Checkpointer:
         accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            info = {"identity": self.identity, "progress": progress.state_dict(), "world_size": accelerator.num_processes}
+            info = {
+                "identity": self.identity,
+                "progress": progress.state_dict(),
+                "world_size": accelerator.num_processes,
+            }
             (tmp / INFO_FILE).write_text(json.dumps(info, indent=2))
             publish_directory(tmp, final)
             self._prune(keep={final.name, f"{PREFIX}{best_epoch:04d}"})
@@ -127,4 +134,3 @@ class Checkpointer:
         for path in self.directory.iterdir():
             if path.name.startswith(TMP_PREFIX) or (path.name.startswith(PREFIX) and path.name not in keep):
                 shutil.rmtree(path, ignore_errors=True)
-

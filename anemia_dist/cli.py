@@ -153,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     audit = sub.add_parser(
-        "audit-data", help="check every image (bad files, duplicates, label conflicts) as training would; exit 1 if it would stop"
+        "audit-data",
+        help="check every image (bad files, duplicates, label conflicts) as training would; exit 1 if it would stop",
     )
     audit.add_argument("--config", help="YAML file, or a packaged config name (default, demo, cp_anemic)")
     audit.add_argument("--out", help="report folder (default: RUN.OUTPUT_DIR/audit)")
@@ -169,20 +170,31 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=cmd_bench)
 
     evaluate = sub.add_parser(
-        "evaluate", help="metrics with 95%% intervals on labelled images at the model's saved threshold (1..N processes)"
+        "evaluate",
+        help="metrics with 95%% intervals on labelled images at the model's saved threshold (1..N processes)",
     )
     evaluate.add_argument("--checkpoint", required=True, help="the run's best/ directory")
     evaluate.add_argument("--data", required=True, help="image folder (one sub-folder per class) or manifest CSV")
     evaluate.add_argument("--out", help="also write the metrics JSON to this file")
-    evaluate.add_argument("--report", help="report folder (default: OUT_report/ beside --out, else ./evaluation_report)")
-    evaluate.add_argument("--split", choices=["train", "val"], help="only these rows of a manifest with a split column (a run's splits.csv)")
+    evaluate.add_argument(
+        "--report", help="report folder (default: OUT_report/ beside --out, else ./evaluation_report)"
+    )
+    evaluate.add_argument(
+        "--split",
+        choices=["train", "val"],
+        help="only these rows of a manifest with a split column (a run's splits.csv)",
+    )
     evaluate.add_argument("--batch-size", type=int, default=64, help="per process")
     evaluate.add_argument(
-        "overrides", nargs="*", help="data.* keys saying how to read --data (e.g. data.group_column=patient), eval.bootstrap=N"
+        "overrides",
+        nargs="*",
+        help="data.* keys saying how to read --data (e.g. data.group_column=patient), eval.bootstrap=N",
     )
     evaluate.set_defaults(func=cmd_evaluate)
 
-    predict = sub.add_parser("predict", help="probability and decision at the saved threshold for image files or folders")
+    predict = sub.add_parser(
+        "predict", help="probability and decision at the saved threshold for image files or folders"
+    )
     predict.add_argument("--checkpoint", required=True, help="the run's best/ directory")
     predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     predict.add_argument("--out", help="CSV file (default: standard output)")

@@ -14,7 +14,7 @@ import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 import yaml
 
@@ -52,17 +52,17 @@ class ThresholdRule:
 class DataConfig:
     """Where the images come from and how they are split."""
 
-    root: Optional[str] = None
+    root: str | None = None
     """ImageFolder root: one sub-folder per class."""
-    manifest: Optional[str] = None
+    manifest: str | None = None
     """CSV with columns path,label[,group]; relative paths are resolved against the CSV's folder."""
-    val_root: Optional[str] = None
+    val_root: str | None = None
     """A separate validation ImageFolder; when set, no split is made."""
-    val_manifest: Optional[str] = None
+    val_manifest: str | None = None
     """A separate validation CSV; when set, no split is made."""
-    classes: Optional[list[str]] = None
+    classes: list[str] | None = None
     """Class names in index order. Default: sorted folder names / sorted labels."""
-    group_column: Optional[str] = None
+    group_column: str | None = None
     """Manifest column naming the patient (or other group) that must not span two splits."""
     val_fraction: float = 0.2
     image_size: int = 224
@@ -71,7 +71,7 @@ class DataConfig:
     """``gpu``: decode each image once into an in-memory uint8 cache and augment whole batches on
     the training device (GPU, or CPU when training there). ``pil``: the methodology as usually
     written, PIL transforms per image in the loader workers, decoding every epoch (for comparison)."""
-    cache_dir: Optional[str] = None
+    cache_dir: str | None = None
     """data.pipeline=gpu: also keep the decoded images in this folder, keyed by file content, so
     later runs skip decoding; ``evaluate`` reads them too. Must be visible to every node; only the
     main process of a training run writes it."""
@@ -83,21 +83,21 @@ class DataConfig:
     that is not a file is looked up by file name, with or without extension, under the CSV's folder."""
     label_column: str = "label"
     """Manifest column with the class name (unused when data.measure_column is set)."""
-    measure_column: Optional[str] = None
+    measure_column: str | None = None
     """Manifest column with a measurement (e.g. haemoglobin, g/dL) that sets the label:
     data.below_label when value < threshold, else data.above_label."""
-    threshold: Optional[float] = None
+    threshold: float | None = None
     """One threshold for every row (11.0 g/dL: WHO, children 6-59 months)."""
-    threshold_column: Optional[str] = None
+    threshold_column: str | None = None
     """Manifest column holding each row's threshold."""
     threshold_rules: list[ThresholdRule] = field(default_factory=list)
     """Thresholds by rule, e.g. by age and sex; the first matching rule wins."""
     below_label: str = "anemic"
     above_label: str = "non-anemic"
-    site_column: Optional[str] = None
+    site_column: str | None = None
     """Manifest column naming the site (e.g. hospital): each site lands in one split, so every
     validation fold holds out whole sites."""
-    folds: Optional[int] = None
+    folds: int | None = None
     """Cross-validation folds over groups; default round(1 / val_fraction)."""
     fold: int = 0
     """Which fold (0 .. folds-1) is the validation split."""
@@ -106,7 +106,7 @@ class DataConfig:
     training with the full list; ``skip`` leaves them out and lists them in the run's excluded.csv."""
     min_size: int = 16
     """Images whose shorter side is below this many pixels are bad files."""
-    near_duplicate_distance: Optional[int] = 16
+    near_duplicate_distance: int | None = 16
     """Images whose 256-bit difference hashes (dHash) differ in at most this many bits are near
     duplicates and share a split; null turns the check off. On CP-AnemiC, copies re-encoded or
     re-cut from one photo differ by 0-15 bits and no pair lies at 16-21; from 22 bits on, other
@@ -160,7 +160,9 @@ class DataConfig:
     def _check_label_source(self) -> None:
         sources = [self.threshold is not None, self.threshold_column is not None, bool(self.threshold_rules)]
         if self.measure_column is None:
-            _check(not any(sources), "data.measure_column", "set it to use data.threshold/threshold_column/threshold_rules")
+            _check(
+                not any(sources), "data.measure_column", "set it to use data.threshold/threshold_column/threshold_rules"
+            )
             return
         _check(
             sum(sources) == 1,
@@ -239,7 +241,7 @@ class UnfreezeConfig:
     epoch: int = 5
     """Head-only epochs: the listed layers train from epoch ``epoch + 1`` on."""
     layers: list[str] = field(default_factory=lambda: ["layer4"])
-    plateau_patience: Optional[int] = None
+    plateau_patience: int | None = None
     """Unfreeze early when the validation loss has not improved for this many head-only epochs."""
 
     def __post_init__(self) -> None:
@@ -267,7 +269,7 @@ class TrainConfig:
     batch_size: int = 32
     """Per process: N processes see N x batch_size images per step."""
     seed: int = 42
-    mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = None
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = None
     """None: take it from ``accelerate launch`` / the accelerate config."""
     channels_last: bool = True
     """Channels-last (NHWC) convolution weights, and (data.pipeline=gpu) batches: the layout
@@ -284,15 +286,19 @@ class TrainConfig:
 @dataclass
 class RunConfig:
     output_dir: str = "runs"
-    name: Optional[str] = None
+    name: str | None = None
     """Run directory name under output_dir; default: a timestamp."""
-    resume: Optional[str] = None
+    resume: str | None = None
     """``auto``: continue from the newest complete checkpoint in RUN/checkpoints (start fresh when
     there is none); a path: that checkpoint. Without it an existing run directory is an error."""
 
     def __post_init__(self) -> None:
         if self.resume not in (None, "auto"):
-            _check(Path(self.resume).is_dir(), "run.resume", f"no such checkpoint directory {self.resume!r}; use auto or a path")
+            _check(
+                Path(self.resume).is_dir(),
+                "run.resume",
+                f"no such checkpoint directory {self.resume!r}; use auto or a path",
+            )
 
 
 @dataclass
@@ -333,7 +339,9 @@ class EvalConfig:
             "eval.target_sensitivity",
             f"must be in (0, 1], got {self.target_sensitivity}",
         )
-        _check(0.0 <= self.fixed_threshold <= 1.0, "eval.fixed_threshold", f"must be in [0, 1], got {self.fixed_threshold}")
+        _check(
+            0.0 <= self.fixed_threshold <= 1.0, "eval.fixed_threshold", f"must be in [0, 1], got {self.fixed_threshold}"
+        )
         _check(self.bootstrap >= 100, "eval.bootstrap", f"must be >= 100 resamples, got {self.bootstrap}")
 
 
@@ -344,14 +352,14 @@ WANDB_MODES = ("off", "online", "offline")
 class TrackingConfig:
     """Weights & Biases, through Accelerate's tracker on the main process (see tracking.py)."""
 
-    wandb: Union[str, bool] = "off"
+    wandb: str | bool = "off"
     """``off``, ``online`` or ``offline`` (YAML reads a bare ``off`` as false; that means off too).
     ``online`` without a key or network falls back to offline with a message. A set WANDB_MODE
     environment variable wins, as everywhere in W&B (``WANDB_MODE=offline`` on compute nodes)."""
     project: str = "anemia-dist"
-    entity: Optional[str] = None
+    entity: str | None = None
     """W&B user or team; default: the key's default entity."""
-    run_name: Optional[str] = None
+    run_name: str | None = None
     """Display name in W&B; default: run.name."""
     tags: list[str] = field(default_factory=list)
 
@@ -452,9 +460,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
             close = difflib.get_close_matches(key, names, n=1)
             hint = f" (did you mean {prefix + '.' if prefix else ''}{close[0]}?)" if close else ""
             raise ConfigError(f"{full}: unknown key{hint}; known keys here: {', '.join(names)}")
-    kwargs = {
-        key: _coerce(value, hints[key], f"{prefix}.{key}" if prefix else key) for key, value in values.items()
-    }
+    kwargs = {key: _coerce(value, hints[key], f"{prefix}.{key}" if prefix else key) for key, value in values.items()}
     return cls(**kwargs)
 
 
@@ -498,7 +504,7 @@ def resolve_config_path(path_or_name: str) -> Path:
     raise ConfigError(f"--config: no such file {path_or_name!r} (packaged configs: {', '.join(names)})")
 
 
-def load_config(path: Optional[str | Path] = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults, then the YAML file, then ``key=value`` overrides; validated as a whole."""
     tree: dict[str, Any] = {}
     if path is not None:

@@ -13,9 +13,9 @@ import csv
 import operator
 import os
 from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -56,14 +56,14 @@ class SplitData:
     classes: list[str]
     excluded: list[Exclusion] = field(default_factory=list)
     """Files left out by data.bad_files=skip or data.duplicates=first, with the reason."""
-    audit: Optional[AuditReport] = None
+    audit: AuditReport | None = None
 
 
 class DataError(ValueError):
     """Unusable data; the message names the file and what to do."""
 
 
-def _class_index(classes: Optional[Sequence[str]], found: Sequence[str], where: str) -> list[str]:
+def _class_index(classes: Sequence[str] | None, found: Sequence[str], where: str) -> list[str]:
     if classes is None:
         return sorted(found)
     missing = sorted(set(found) - set(classes))
@@ -72,7 +72,7 @@ def _class_index(classes: Optional[Sequence[str]], found: Sequence[str], where: 
     return list(classes)
 
 
-def scan_image_folder(root: str | Path, classes: Optional[Sequence[str]] = None) -> tuple[list[Sample], list[str]]:
+def scan_image_folder(root: str | Path, classes: Sequence[str] | None = None) -> tuple[list[Sample], list[str]]:
     """ImageFolder layout: ``root/<class>/<image>``; every image file is its own group."""
     root = Path(os.path.abspath(root))  # absolute: splits.csv must work from any folder
     if not root.is_dir():
@@ -88,9 +88,7 @@ def scan_image_folder(root: str | Path, classes: Optional[Sequence[str]] = None)
         raise DataError(f"{root}: need one sub-folder per class (at least two), found {folders}")
     samples = []
     for index, name in enumerate(names):
-        files = sorted(
-            p for p in (root / name).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-        )
+        files = sorted(p for p in (root / name).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
         if not files:
             raise DataError(f"{root / name}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this class folder")
         samples += [Sample(str(p), index, str(p)) for p in files]
@@ -105,7 +103,9 @@ def _number(row: dict[str, str], column: str, where: str) -> float:
     try:
         return float(text)
     except ValueError:
-        raise DataError(f"{where}: column {column!r} holds {text!r}, not a number; fix the value or remove the row") from None
+        raise DataError(
+            f"{where}: column {column!r} holds {text!r}, not a number; fix the value or remove the row"
+        ) from None
 
 
 def _holds(row: dict[str, str], condition: str, where: str) -> bool:
@@ -145,9 +145,9 @@ class _ImageIndex:
 
     def __init__(self, folder: Path):
         self.folder = folder
-        self.names: Optional[dict[str, list[Path]]] = None
+        self.names: dict[str, list[Path]] | None = None
 
-    def find(self, name: str) -> Optional[Path]:
+    def find(self, name: str) -> Path | None:
         if self.names is None:
             self.names = defaultdict(list)
             for path in sorted(self.folder.rglob("*")):
@@ -156,15 +156,17 @@ class _ImageIndex:
                     self.names[path.stem].append(path)
         found = self.names.get(name, [])
         if len(found) > 1:
-            raise DataError(f"{self.folder}: image ID {name!r} matches {len(found)} files {[str(p) for p in found]}; list paths instead")
+            raise DataError(
+                f"{self.folder}: image ID {name!r} matches {len(found)} files {[str(p) for p in found]}; list paths instead"
+            )
         return found[0] if found else None
 
 
 def read_manifest(
     manifest: str | Path,
-    classes: Optional[Sequence[str]] = None,
-    group_column: Optional[str] = None,
-    columns: Optional[DataConfig] = None,
+    classes: Sequence[str] | None = None,
+    group_column: str | None = None,
+    columns: DataConfig | None = None,
 ) -> tuple[list[Sample], list[str]]:
     """A CSV with a path (or image ID) column, a label or measurement column, and optionally group,
     site and split columns (a column named ``group``/``split`` is used when present).
@@ -209,7 +211,9 @@ def read_manifest(
             path = index.find(value) or path
         split = (row.get(split_key) or "").strip().lower() if split_key else ""
         if split_key and split not in ("train", "val"):
-            raise DataError(f"{where}: split {row.get(split_key)!r} must be train or val; keep test rows in their own manifest")
+            raise DataError(
+                f"{where}: split {row.get(split_key)!r} must be train or val; keep test rows in their own manifest"
+            )
         group = (row.get(group_key) or "").strip() if group_key else ""
         site = (row.get(cfg.site_column) or "").strip() if cfg.site_column else ""
         labels.append(label)
@@ -220,17 +224,19 @@ def read_manifest(
 
 
 def load_source(
-    root: Optional[str],
-    manifest: Optional[str],
-    classes: Optional[Sequence[str]],
-    group_column: Optional[str],
-    columns: Optional[DataConfig] = None,
+    root: str | None,
+    manifest: str | None,
+    classes: Sequence[str] | None,
+    group_column: str | None,
+    columns: DataConfig | None = None,
 ) -> tuple[list[Sample], list[str]]:
     """Samples from a manifest (columns and label rule from ``columns``) or an ImageFolder root."""
     if manifest is not None:
         return read_manifest(manifest, classes, group_column, columns)
     if group_column is not None:
-        raise ConfigError("data.group_column: groups come from a manifest column; use data.manifest with a group column")
+        raise ConfigError(
+            "data.group_column: groups come from a manifest column; use data.manifest with a group column"
+        )
     return scan_image_folder(root, classes)
 
 
@@ -301,7 +307,9 @@ def assign_units(samples: Sequence[Sample], report: AuditReport, indices: Sequen
 
 def _fixed_split(samples: Sequence[Sample], cfg: DataConfig) -> tuple[list[Sample], list[Sample]]:
     if cfg.fold != 0 or cfg.folds is not None:
-        raise DataError("data.fold/data.folds: the split is fixed by the manifest's split column or data.val_*; drop one")
+        raise DataError(
+            "data.fold/data.folds: the split is fixed by the manifest's split column or data.val_*; drop one"
+        )
     if not all(s.split for s in samples):
         raise DataError("some manifest rows have an empty split; give every row train or val")
     sides = defaultdict(set)
@@ -309,9 +317,7 @@ def _fixed_split(samples: Sequence[Sample], cfg: DataConfig) -> tuple[list[Sampl
         sides[s.unit].add(s.split)
     crossing = [u for u, found in sides.items() if len(found) > 1]
     if crossing:
-        listed = "\n  ".join(
-            ", ".join(f"{s.path} ({s.split})" for s in samples if s.unit == u) for u in crossing[:20]
-        )
+        listed = "\n  ".join(", ".join(f"{s.path} ({s.split})" for s in samples if s.unit == u) for u in crossing[:20])
         raise DataError(
             f"{len(crossing)} group(s) of the same patient or duplicate images sit in both train and val:\n  {listed}\n"
             "Move each group to one side, or set data.duplicates=first to keep one copy of each duplicate."
@@ -332,8 +338,11 @@ def _fold_split(
             raise DataError(
                 f"class {classes[label]!r} spans only {n_units} split unit(s) (patients, duplicates and sites merged); "
                 f"{folds} folds need at least {folds}. Add data, use fewer folds (data.folds / data.val_fraction)"
-                + (", or set data.duplicates=first: duplicates listed under several sites tie those sites together"
-                   if cfg.site_column else "")
+                + (
+                    ", or set data.duplicates=first: duplicates listed under several sites tie those sites together"
+                    if cfg.site_column
+                    else ""
+                )
                 + "."
             )
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
@@ -345,7 +354,9 @@ def build_split(cfg: DataConfig, seed: int) -> SplitData:
     """Load, audit, exclude by policy, merge units, split: the same result on every call for a seed."""
     samples, classes, report = audit_data(cfg)
     excluded = _exclusions(cfg, report)
-    kept = assign_units(samples, report, [i for i in range(len(samples)) if i not in excluded], cfg.site_column is not None)
+    kept = assign_units(
+        samples, report, [i for i in range(len(samples)) if i not in excluded], cfg.site_column is not None
+    )
     if not kept:
         raise DataError("every file was excluded; see the audit (anemia-dist audit-data)")
     fixed = any(s.split for s in kept)
@@ -386,7 +397,14 @@ def balanced_class_weights(train: Sequence[Sample], num_classes: int) -> torch.T
 
 def split_rows(split: SplitData) -> list[dict[str, str]]:
     return [
-        {"path": s.path, "label": split.classes[s.label], "group": s.group, "site": s.site, "unit": s.unit, "split": name}
+        {
+            "path": s.path,
+            "label": split.classes[s.label],
+            "group": s.group,
+            "site": s.site,
+            "unit": s.unit,
+            "split": name,
+        }
         for name, part in (("train", split.train), ("val", split.val))
         for s in part
     ]
@@ -409,7 +427,9 @@ def describe_split(split: SplitData, run_dir: Path) -> str:
     lines = [split.audit.summary_text()] if split.audit else []
     if split.excluded:
         reasons = ", ".join(f"{r} {n}" for r, n in sorted(Counter(e.reason for e in split.excluded).items()))
-        lines.append(f"  left out {len(split.excluded)} file(s) ({reasons}), listed in {Path(run_dir) / 'excluded.csv'}")
+        lines.append(
+            f"  left out {len(split.excluded)} file(s) ({reasons}), listed in {Path(run_dir) / 'excluded.csv'}"
+        )
     units = len({s.unit for s in split.train + split.val})
     lines.append(
         f"  split: train {len(split.train)} ({counts(split.train)}), val {len(split.val)} ({counts(split.val)}), "

@@ -5,10 +5,11 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import Any, NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -18,8 +19,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import checkpoint, tracking
-from .checkpointer import Checkpointer, TrainingProgress, check_compatible, read_info, resolve_resume
 from .cache import cached_datasets
+from .checkpointer import Checkpointer, TrainingProgress, check_compatible, read_info, resolve_resume
 from .config import Config, ConfigError
 from .data import (
     ImageDataset,
@@ -118,8 +119,12 @@ def progress_bar(accelerator: Accelerator, iterable, desc: str, **kwargs) -> tqd
     """tqdm on the main process; in a log file (SLURM, CI) a line every 30 s, not every batch."""
     interactive = sys.stderr.isatty()
     return tqdm(
-        iterable, desc=desc, disable=not accelerator.is_local_main_process, leave=False,
-        mininterval=0.1 if interactive else 30.0, **kwargs,
+        iterable,
+        desc=desc,
+        disable=not accelerator.is_local_main_process,
+        leave=False,
+        mininterval=0.1 if interactive else 30.0,
+        **kwargs,
     )
 
 
@@ -352,8 +357,15 @@ def train(cfg: Config) -> dict[str, Any]:
     elif accelerator.is_main_process:
         groups = [s.unit or s.group for s in split.val]  # patients, merged with their duplicate images
         write_validation_report(
-            run.path / "report", best_val.labels, best_val.probs, groups, split.classes, best_point,
-            cfg.eval.bootstrap, stopper.best_epoch, rows,
+            run.path / "report",
+            best_val.labels,
+            best_val.probs,
+            groups,
+            split.classes,
+            best_point,
+            cfg.eval.bootstrap,
+            stopper.best_epoch,
+            rows,
         )
     tracking.record_outcome(accelerator, summary, rows)
     accelerator.wait_for_everyone()
@@ -363,7 +375,12 @@ def train(cfg: Config) -> dict[str, Any]:
 
 def checkpoint_identity(cfg: Config, classes: list[str]) -> dict[str, Any]:
     """What a checkpoint's tensors depend on: resuming with anything else is refused."""
-    return {"arch": cfg.model.arch, "classes": classes, "hidden": cfg.model.hidden, "unfreeze_layers": cfg.unfreeze.layers}
+    return {
+        "arch": cfg.model.arch,
+        "classes": classes,
+        "hidden": cfg.model.hidden,
+        "unfreeze_layers": cfg.unfreeze.layers,
+    }
 
 
 def unfreeze_backbone_stages(accelerator: Accelerator, model: torch.nn.Module, stages: list[str]) -> torch.nn.Module:

@@ -9,8 +9,9 @@ in the report and the threshold rules use scikit-learn directly.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import numpy as np
 from scipy.optimize import minimize_scalar
@@ -101,7 +102,7 @@ class Predictions:
     """P(positive class), after temperature scaling."""
     nll: np.ndarray
     """-log p(true class): each image's cross-entropy."""
-    groups: Optional[np.ndarray] = None
+    groups: np.ndarray | None = None
     """Integer patient codes when some patients have several images; None when all are independent."""
 
     @classmethod
@@ -111,8 +112,8 @@ class Predictions:
         probs: Any,
         positive: int,
         temperature: float = 1.0,
-        groups: Optional[Sequence[str]] = None,
-    ) -> "Predictions":
+        groups: Sequence[str] | None = None,
+    ) -> Predictions:
         labels = np.asarray(labels, dtype=np.int64)
         probs = apply_temperature(np.asarray(probs, dtype=np.float64), temperature)
         return cls(labels == positive, probs[:, positive], _nll(labels, probs), group_codes(groups))
@@ -121,7 +122,7 @@ class Predictions:
         return len(self.truth)
 
 
-def group_codes(groups: Optional[Sequence[str]]) -> Optional[np.ndarray]:
+def group_codes(groups: Sequence[str] | None) -> np.ndarray | None:
     """Integer codes for the patients, or None when every image is its own group."""
     if groups is None:
         return None
@@ -205,7 +206,7 @@ def point_metrics(pred: Predictions, threshold: float) -> dict[str, Any]:
 # --------------------------------------------------------------------------- intervals
 
 
-def bootstrap_weights(rng: np.random.Generator, n: int, groups: Optional[np.ndarray], resamples: int) -> np.ndarray:
+def bootstrap_weights(rng: np.random.Generator, n: int, groups: np.ndarray | None, resamples: int) -> np.ndarray:
     """Each row: how often each sample is drawn when patients (or images) are drawn with replacement."""
     codes = np.arange(n) if groups is None else groups
     units = int(codes.max()) + 1
@@ -232,7 +233,7 @@ def wilson_interval(successes: int, trials: int) -> tuple[float, float]:
 
 
 def confidence_intervals(
-    pred: Predictions, threshold: float, resamples: int, values: Optional[dict[str, Any]] = None
+    pred: Predictions, threshold: float, resamples: int, values: dict[str, Any] | None = None
 ) -> dict[str, dict[str, Any]]:
     """95 % intervals: Wilson for proportions of independent images, else a percentile bootstrap.
 
@@ -299,7 +300,7 @@ class OperatingPoint:
     temperature: float = 1.0
 
     @classmethod
-    def fit(cls, labels: Any, probs: Any, classes: Sequence[str], cfg: EvalConfig) -> "OperatingPoint":
+    def fit(cls, labels: Any, probs: Any, classes: Sequence[str], cfg: EvalConfig) -> OperatingPoint:
         """Temperature (when ``cfg.calibrate``), then the threshold on the calibrated scores."""
         positive = positive_index(classes, cfg.positive_class)
         temperature = fit_temperature(np.asarray(labels), np.asarray(probs)) if cfg.calibrate else 1.0
@@ -318,7 +319,7 @@ class OperatingPoint:
         }
 
     @classmethod
-    def from_meta(cls, meta: dict[str, Any], where: str) -> "OperatingPoint":
+    def from_meta(cls, meta: dict[str, Any], where: str) -> OperatingPoint:
         missing = [key for key in ("positive_class", "threshold", "threshold_rule") if key not in meta]
         if missing:
             raise ConfigError(
@@ -329,7 +330,7 @@ class OperatingPoint:
         return cls(meta["positive_class"], float(meta["threshold"]), meta["threshold_rule"], temperature)
 
     def predictions(
-        self, labels: Any, probs: Any, classes: Sequence[str], groups: Optional[Sequence[str]] = None
+        self, labels: Any, probs: Any, classes: Sequence[str], groups: Sequence[str] | None = None
     ) -> Predictions:
         return Predictions.from_probs(labels, probs, classes.index(self.positive_class), self.temperature, groups)
 
@@ -344,7 +345,7 @@ class Evaluation:
     result: dict[str, Any]
     """JSON-ready: undefined metrics are None."""
     pred: Predictions
-    uncalibrated: Optional[Predictions] = None
+    uncalibrated: Predictions | None = None
     """The predictions before temperature scaling, when the model has a temperature."""
 
 
@@ -354,7 +355,7 @@ def summarize(
     classes: Sequence[str],
     point: OperatingPoint,
     resamples: int,
-    groups: Optional[Sequence[str]] = None,
+    groups: Sequence[str] | None = None,
 ) -> Evaluation:
     """Every metric with its interval at the saved operating point, and the predictions behind them."""
     pred = point.predictions(labels, probs, classes, groups)

@@ -20,8 +20,7 @@ intermediate one.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Optional
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +48,7 @@ class AugmentRanges:
     contrast: tuple[float, float]
 
     @classmethod
-    def from_seed_pipeline(cls, image_size: int = 224) -> "AugmentRanges":
+    def from_seed_pipeline(cls, image_size: int = 224) -> AugmentRanges:
         """Read from :func:`anemia_dist.transforms.train_transform`: one definition for both paths."""
         found = {type(t): t for t in train_transform(image_size).transforms}
         flip, rotation = found[T.RandomHorizontalFlip], found[T.RandomRotation]
@@ -84,8 +83,11 @@ class AugmentParams:
 
 
 def sample_params(
-    batch: int, image_size: int, ranges: AugmentRanges, device: torch.device | str = "cpu",
-    generator: Optional[torch.Generator] = None,
+    batch: int,
+    image_size: int,
+    ranges: AugmentRanges,
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
 ) -> AugmentParams:
     """Draw every sample's parameters at once, from the global RNG of ``device`` by default."""
     u = torch.rand(batch, 9, device=device, generator=generator)
@@ -172,7 +174,7 @@ def normalize(images: torch.Tensor, memory_format: torch.memory_format = torch.c
     return torch.addcmul(shift, images, inverse_std, out=out)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Grey weights, 1/std and -mean/std on ``device``, copied there once: a host-to-device copy
     of a fresh tensor makes the host wait for the device."""
@@ -213,7 +215,7 @@ def resize(images: torch.Tensor, image_size: int) -> torch.Tensor:
 class TrainAugment:
     """Random augmentation + normalisation of a cached uint8 batch, on the batch's device."""
 
-    def __init__(self, image_size: int, channels_last: bool = True, ranges: Optional[AugmentRanges] = None):
+    def __init__(self, image_size: int, channels_last: bool = True, ranges: AugmentRanges | None = None):
         self.image_size = image_size
         self.ranges = ranges or AugmentRanges.from_seed_pipeline(image_size)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -232,4 +234,3 @@ class EvalResize:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         return normalize(resize(images, self.image_size), self.memory_format)
-

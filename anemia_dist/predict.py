@@ -11,8 +11,9 @@ import dataclasses
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence, TextIO
+from typing import Any, TextIO
 
 import numpy as np
 import torch
@@ -21,8 +22,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from . import checkpoint
-from .config import Config, ConfigError, load_config, parse_override
 from .cache import CachedImages, DecodedOnAccess
+from .config import Config, ConfigError, load_config, parse_override
 from .data import DataError, Sample, load_source
 from .engine import validate
 from .evaluation import OperatingPoint, apply_temperature, negative_name, summarize
@@ -41,7 +42,7 @@ def load_model(directory: str | Path) -> tuple[torch.nn.Module, dict[str, Any], 
     return model, meta, OperatingPoint.from_meta(meta, str(Path(directory) / checkpoint.META_FILE))
 
 
-def model_inputs(samples: Sequence[Sample], meta: dict[str, Any], cache_dir: Optional[str] = None) -> CachedImages:
+def model_inputs(samples: Sequence[Sample], meta: dict[str, Any], cache_dir: str | None = None) -> CachedImages:
     """The images decoded as training decoded its validation images (uint8 at the saved size;
     ``batch_transform`` normalises a batch on the device), so the saved threshold meets the
     scores it was chosen on."""
@@ -80,10 +81,10 @@ def evaluate(
     data: str | Path,
     overrides: Sequence[str] = (),
     batch_size: int = 64,
-    out: Optional[str | Path] = None,
-    report_dir: Optional[str | Path] = None,
-    split: Optional[str] = None,
-) -> Optional[dict[str, Any]]:
+    out: str | Path | None = None,
+    report_dir: str | Path | None = None,
+    split: str | None = None,
+) -> dict[str, Any] | None:
     """Metrics with intervals at the saved operating point; the record on the main process, else None.
 
     Runs on 1..N processes: ``engine.validate`` gathers every image's probabilities exactly once,
@@ -141,7 +142,7 @@ def evaluate(
     return record
 
 
-def default_report_dir(out: Optional[str | Path]) -> Path:
+def default_report_dir(out: str | Path | None) -> Path:
     """``FILE_report/`` next to ``--out FILE``, else ``evaluation_report/`` here."""
     return Path(out).with_name(Path(out).stem + "_report") if out else Path("evaluation_report")
 

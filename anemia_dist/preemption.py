@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 from types import FrameType
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -33,13 +32,13 @@ class PreemptionWatcher:
     """
 
     def __init__(self, accelerator: Accelerator) -> None:
-        self.received: Optional[int] = None
+        self.received: int | None = None
         distributed = accelerator.num_processes > 1
         self._group = dist.new_group(backend="gloo") if distributed and accelerator.device.type != "cpu" else None
         self._flag = torch.zeros(1, dtype=torch.int32) if distributed else None
         self._previous = {sig: signal.signal(sig, self._handle) for sig in PREEMPTION_SIGNALS}
 
-    def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.received = signum
 
     def agreed(self) -> bool:

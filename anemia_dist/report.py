@@ -9,8 +9,9 @@ from __future__ import annotations
 import base64
 import html
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import numpy as np
 from sklearn.calibration import calibration_curve
@@ -80,7 +81,10 @@ def plot_roc(pred: Predictions, result: dict[str, Any], path: Path) -> None:
     axis.plot([0, 1], [0, 1], linestyle="--", color="grey", label="chance (AUROC 0.5)")
     if result["sensitivity"] is not None and result["specificity"] is not None:
         _mark_operating_point(
-            axis, 1 - result["specificity"], result["sensitivity"], result,
+            axis,
+            1 - result["specificity"],
+            result["sensitivity"],
+            result,
             f"sensitivity {result['sensitivity']:.2f}, specificity {result['specificity']:.2f}",
         )
     axis.set(
@@ -108,12 +112,21 @@ def plot_precision_recall(pred: Predictions, result: dict[str, Any], path: Path)
     prevalence = float(pred.truth.mean()) if len(pred) else 0.0
     if pred.truth.any():
         precision, recall, _ = precision_recall_curve(pred.truth, pred.score)
-        axis.step(recall, precision, where="post", color="tab:blue", linewidth=2,
-                  label=f"model, AUPRC {_with_ci(result, 'auprc')}")
+        axis.step(
+            recall,
+            precision,
+            where="post",
+            color="tab:blue",
+            linewidth=2,
+            label=f"model, AUPRC {_with_ci(result, 'auprc')}",
+        )
     axis.axhline(prevalence, linestyle="--", color="grey", label=f"chance (prevalence {prevalence:.2f})")
     if result["sensitivity"] is not None and result["ppv"] is not None:
         _mark_operating_point(
-            axis, result["sensitivity"], result["ppv"], result,
+            axis,
+            result["sensitivity"],
+            result["ppv"],
+            result,
             f"sensitivity {result['sensitivity']:.2f}, PPV {result['ppv']:.2f}",
         )
     axis.set(
@@ -155,7 +168,7 @@ def plot_confusion(result: dict[str, Any], path: Path) -> None:
 
 
 def plot_reliability(
-    pred: Predictions, result: dict[str, Any], path: Path, uncalibrated: Optional[Predictions]
+    pred: Predictions, result: dict[str, Any], path: Path, uncalibrated: Predictions | None
 ) -> None:
     """Observed frequency of the positive class per predicted-probability bin, with the bins' sizes."""
     plt = _pyplot()
@@ -171,8 +184,11 @@ def plot_reliability(
     for predictions, name, colour, ece in curves:
         observed, predicted = calibration_curve(predictions.truth, predictions.score, n_bins=ECE_BINS, pos_label=True)
         top.plot(predicted, observed, "o-", color=colour, label=f"{name}, ECE {ece:.3f}")
-    top.set(ylim=(0, 1), ylabel=f"observed fraction {result['positive_class']}",
-            title=f"Reliability ({ECE_BINS} equal-width bins)")
+    top.set(
+        ylim=(0, 1),
+        ylabel=f"observed fraction {result['positive_class']}",
+        title=f"Reliability ({ECE_BINS} equal-width bins)",
+    )
     top.grid(alpha=0.3)
     top.legend(loc="upper left", fontsize=8)
     edges = np.linspace(0, 1, ECE_BINS + 1)
@@ -200,9 +216,7 @@ def _metrics_table(result: dict[str, Any]) -> str:
     if result.get("ece_uncalibrated") is not None:
         before = result["ece_uncalibrated"]
         rows.append(f"<tr><td>ECE before temperature scaling</td><td>{before:.3f}</td><td></td><td></td></tr>")
-    return (
-        "<table><tr><th>metric</th><th>value</th><th>95% CI</th><th>interval</th></tr>" + "".join(rows) + "</table>"
-    )
+    return "<table><tr><th>metric</th><th>value</th><th>95% CI</th><th>interval</th></tr>" + "".join(rows) + "</table>"
 
 
 def _figure_html(directory: Path, name: str) -> str:
@@ -210,7 +224,7 @@ def _figure_html(directory: Path, name: str) -> str:
     caption = html.escape(FIGURES[name])
     return (
         f'<figure><a href="{name}"><img src="data:image/png;base64,{encoded}" alt="{caption}"></a>'
-        f"<figcaption>{caption} (<a href=\"{name}\">{name}</a>)</figcaption></figure>"
+        f'<figcaption>{caption} (<a href="{name}">{name}</a>)</figcaption></figure>'
     )
 
 
@@ -232,7 +246,8 @@ def write_html(
 ) -> Path:
     facts = [
         f"{result['n']} images, {result['n_positive']} {html.escape(result['positive_class'])}",
-        f"{result['n_patients']} patients (groups resampled together)" if result["n_patients"]
+        f"{result['n_patients']} patients (groups resampled together)"
+        if result["n_patients"]
         else "no patient column: images treated as independent",
         f"positive class: {html.escape(result['positive_class'])}",
         f"operating threshold: P({html.escape(result['positive_class'])}) &ge; {result['threshold']:.4f} "
@@ -250,7 +265,7 @@ def write_html(
         *(f'<div class="wide">{_figure_html(directory, n)}</div>' for n in wide),
     ]
     page = (
-        f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+        f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
         f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>\n"
     )
     path = directory / REPORT_FILE
@@ -280,7 +295,7 @@ def write_report(
     title: str,
     evaluation: Evaluation,
     notes: Sequence[str] = (),
-    rows: Optional[Sequence[dict[str, Any]]] = None,
+    rows: Sequence[dict[str, Any]] | None = None,
 ) -> Path:
     """All figures plus ``report.html`` in ``directory``; ``rows`` (metrics.jsonl) adds the training curves."""
     result, pred = evaluation.result, evaluation.pred

@@ -9,8 +9,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -90,7 +91,9 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: Path) -> None:
 
     epochs = [r["epoch"] for r in rows]
     screening = "val_auroc" in rows[0]
-    figure, axes = plt.subplots(1, 4 if screening else 3, figsize=(20 if screening else 15, 4.2), constrained_layout=True)
+    figure, axes = plt.subplots(
+        1, 4 if screening else 3, figsize=(20 if screening else 15, 4.2), constrained_layout=True
+    )
     panels = (
         ("Loss (class-weighted CE)", "train_loss", "val_loss"),
         ("Accuracy", "train_acc", "val_acc"),
@@ -102,7 +105,11 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: Path) -> None:
     best = min(rows, key=lambda r: r["val_loss"] if math.isfinite(r["val_loss"]) else math.inf)
     axes[0].plot([best["epoch"]], [best["val_loss"]], "*", color="gold", markersize=16, label="best")
     if screening:
-        for key, name in (("val_auroc", "AUROC"), ("val_sensitivity", "sensitivity"), ("val_specificity", "specificity")):
+        for key, name in (
+            ("val_auroc", "AUROC"),
+            ("val_sensitivity", "sensitivity"),
+            ("val_specificity", "specificity"),
+        ):
             axes[2].plot(epochs, [r[key] for r in rows], "o-", label=name)
         axes[2].set(title="Validation screening (each epoch's own threshold)", ylim=(0, 1.02))
     lr_axis = axes[-1]

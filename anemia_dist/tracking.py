@@ -13,7 +13,7 @@ import socket
 import sys
 import urllib.parse
 import urllib.request
-from typing import Any, Optional
+from typing import Any
 
 from accelerate import Accelerator
 
@@ -27,7 +27,7 @@ INIT_TIMEOUT_S = 60.0
 REACH_TIMEOUT_S = 5.0
 
 
-def log_with(cfg: TrackingConfig) -> Optional[str]:
+def log_with(cfg: TrackingConfig) -> str | None:
     """The ``Accelerator(log_with=...)`` value."""
     return None if cfg.wandb == "off" else WANDB
 
@@ -37,7 +37,7 @@ def wandb_mode(cfg: TrackingConfig) -> str:
     return os.environ.get("WANDB_MODE") or str(cfg.wandb)
 
 
-def wandb_init_kwargs(cfg: Config, run_id: Optional[str], mode: str) -> dict[str, dict[str, Any]]:
+def wandb_init_kwargs(cfg: Config, run_id: str | None, mode: str) -> dict[str, dict[str, Any]]:
     """``init_kwargs`` for ``accelerator.init_trackers``; ``run_id`` continues that W&B run."""
     kwargs: dict[str, Any] = {
         "name": cfg.tracking.run_name or cfg.run.name,
@@ -53,7 +53,7 @@ def wandb_init_kwargs(cfg: Config, run_id: Optional[str], mode: str) -> dict[str
     return {WANDB: kwargs}
 
 
-def unreachable(url: str) -> Optional[str]:
+def unreachable(url: str) -> str | None:
     """Why ``url`` (or the proxy for it) cannot be reached within a few seconds; None if it can."""
     target = urllib.parse.urlparse(urllib.request.getproxies().get(urllib.parse.urlparse(url).scheme) or url)
     port = target.port or (443 if target.scheme == "https" else 80)
@@ -64,7 +64,7 @@ def unreachable(url: str) -> Optional[str]:
     return None
 
 
-def start(accelerator: Accelerator, cfg: Config, run_id: Optional[str]) -> Optional[str]:
+def start(accelerator: Accelerator, cfg: Config, run_id: str | None) -> str | None:
     """Open the W&B run with the resolved config; returns its id on every rank (None when off).
 
     Called on every rank after the run name is fixed and any checkpoint is loaded; ``run_id`` is
@@ -79,7 +79,7 @@ def start(accelerator: Accelerator, cfg: Config, run_id: Optional[str]) -> Optio
     return broadcast_from_main(run_id)
 
 
-def _start_main(accelerator: Accelerator, cfg: Config, run_id: Optional[str]) -> str:
+def _start_main(accelerator: Accelerator, cfg: Config, run_id: str | None) -> str:
     import wandb
 
     def init(mode: str) -> None:

@@ -24,6 +24,4 @@ def train_transform(image_size: int) -> T.Compose:
 
 
 def eval_transform(image_size: int) -> T.Compose:
-    return T.Compose(
-        [T.Resize((image_size, image_size)), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    )
+    return T.Compose([T.Resize((image_size, image_size)), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])

@@ -13,7 +13,6 @@ import sys
 import pytest
 from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.utils import DistributedType
-
 from conftest import ROOT, check, free_port
 
 CONFIGS = ROOT / "accelerate_configs"
@@ -92,11 +91,31 @@ def test_multi_node_config_joins_one_launcher_per_node_into_one_group(tmp_path):
     port = free_port()
     nodes = [
         subprocess.Popen(
-            [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "multi_node.yaml"),
-             "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
-             "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), "--mixed_precision", "no",
-             str(probe)],
-            env=CPU_ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [
+                sys.executable,
+                "-m",
+                "accelerate.commands.launch",
+                "--config_file",
+                str(CONFIGS / "multi_node.yaml"),
+                "--num_machines",
+                "2",
+                "--num_processes",
+                "2",
+                "--machine_rank",
+                str(rank),
+                "--main_process_ip",
+                "127.0.0.1",
+                "--main_process_port",
+                str(port),
+                "--mixed_precision",
+                "no",
+                str(probe),
+            ],
+            env=CPU_ENV,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         for rank in (0, 1)
     ]

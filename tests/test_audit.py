@@ -9,13 +9,13 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+from conftest import make_image_folder
 from PIL import Image
 
 from anemia_dist.audit import AuditReport, near_pairs
 from anemia_dist.cli import main
 from anemia_dist.config import DataConfig
 from anemia_dist.data import audit_data
-from conftest import make_image_folder
 
 BAD = {
     "empty.png": "empty",
@@ -77,7 +77,9 @@ def test_min_size_sets_what_counts_as_too_small(tmp_path):
 def test_manifest_row_for_a_missing_file_is_reported_not_dropped(tmp_path):
     make_image_folder(tmp_path, {"anemic": 2, "non-anemic": 2})
     manifest = tmp_path / "m.csv"
-    manifest.write_text("path,label\nanemic/img_000.png,anemic\nanemic/gone.png,anemic\nnon-anemic/img_000.png,non-anemic\n")
+    manifest.write_text(
+        "path,label\nanemic/img_000.png,anemic\nanemic/gone.png,anemic\nnon-anemic/img_000.png,non-anemic\n"
+    )
     report = audit_data(DataConfig(manifest=str(manifest)))[2]
     assert by_name(report) == {"gone.png": "missing"} and len(report.checks) == 3
 
@@ -103,7 +105,9 @@ def test_reencoded_resized_copy_is_a_near_duplicate_and_a_different_picture_is_n
     (root / "anemic" / "eye-again.jpg").write_bytes(encoded(original.resize((52, 52)), "JPEG", quality=80))
     smooth_picture(2).save(root / "non-anemic" / "other-eye.png")
     report = audit(root)
-    assert [sorted(Path(report.checks[i].path).name for i in g) for g in report.near_groups] == [["eye-again.jpg", "eye.png"]]
+    assert [sorted(Path(report.checks[i].path).name for i in g) for g in report.near_groups] == [
+        ["eye-again.jpg", "eye.png"]
+    ]
     assert report.exact_groups == [] and report.conflicts == []
     assert audit(root, near_duplicate_distance=None).near_groups == []
 

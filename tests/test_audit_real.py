@@ -10,7 +10,9 @@ from anemia_dist.data import audit_data, build_split
 
 
 def cp_config(cp_anemic: Path, *overrides: str):
-    return load_config("cp_anemic", [f"data.manifest={cp_anemic / 'Anemia_Data_Collection_Sheet.csv'}", *overrides]).data
+    return load_config(
+        "cp_anemic", [f"data.manifest={cp_anemic / 'Anemia_Data_Collection_Sheet.csv'}", *overrides]
+    ).data
 
 
 def names(report, group) -> set[str]:
@@ -48,7 +50,9 @@ def test_no_duplicate_group_spans_two_splits_in_any_fold(cp_anemic):
 def test_site_held_out_folds_keep_one_copy_and_hold_out_whole_hospitals(cp_anemic):
     held_out = defaultdict(list)
     for fold in range(5):
-        split = build_split(cp_config(cp_anemic, "data.site_column=HOSPITAL", "data.duplicates=first", f"data.fold={fold}"), seed=42)
+        split = build_split(
+            cp_config(cp_anemic, "data.site_column=HOSPITAL", "data.duplicates=first", f"data.fold={fold}"), seed=42
+        )
         assert {s.site for s in split.train}.isdisjoint({s.site for s in split.val})
         for site in {s.site for s in split.val}:
             held_out[site].append(fold)

@@ -10,28 +10,45 @@ import traceback
 from pathlib import Path
 
 import pytest
-
 import torch
 import torch.nn.functional as F
+from conftest import ROOT, TINY, check, launch, make_image_folder
 from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import ROOT, TINY, check, launch, make_image_folder
-from anemia_dist.bench import make_photos, run_bench as run_bench_in_process
+from anemia_dist.bench import make_photos
+from anemia_dist.bench import run_bench as run_bench_in_process
 from anemia_dist.cli import build_parser
 from anemia_dist.config import ModelConfig
 from anemia_dist.model import build_model, optimizer_param_groups, set_train_mode, unfreeze
 
-TINY_BENCH = ["--arch", "resnet18", "--image-size", "32", "--batch-size", "4", "--seconds", "0",
-              "--steps", "1", "--e2e-steps", "1"]
+TINY_BENCH = [
+    "--arch",
+    "resnet18",
+    "--image-size",
+    "32",
+    "--batch-size",
+    "4",
+    "--seconds",
+    "0",
+    "--steps",
+    "1",
+    "--e2e-steps",
+    "1",
+]
 
 
 def run_bench(tmp_path, *args: str) -> tuple[str, dict]:
     output = tmp_path / "bench.json"
-    result = check(subprocess.run(
-        [sys.executable, "-m", "anemia_dist", "bench", *TINY_BENCH, "--output", str(output), *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    ))
+    result = check(
+        subprocess.run(
+            [sys.executable, "-m", "anemia_dist", "bench", *TINY_BENCH, "--output", str(output), *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    )
     return result.stdout, json.loads(output.read_text())
 
 
@@ -82,7 +99,9 @@ def test_phase_one_builds_no_autograd_graph_through_the_frozen_backbone():
     optimizer = torch.optim.Adam(optimizer_param_groups(model, ["layer4"]), lr=1e-3)
     seen: dict[str, bool] = {}
     for name in ("layer3", "layer4"):
-        getattr(model, name).register_forward_hook(lambda m, i, out, name=name: seen.__setitem__(name, out.requires_grad))
+        getattr(model, name).register_forward_hook(
+            lambda m, i, out, name=name: seen.__setitem__(name, out.requires_grad)
+        )
     phase_step(model, optimizer)
     assert seen == {"layer3": False, "layer4": False}
     unfreeze(model, ["layer4"])
@@ -134,8 +153,20 @@ def test_compiled_model_under_ddp_keeps_layer4_identical_on_both_ranks_after_the
     spy = tmp_path / "compile_spy.py"
     spy.write_text(COMPILE_SPY)
     data = make_image_folder(tmp_path / "data", {"anemic": 10, "non-anemic": 14})
-    check(launch([str(spy), str(tmp_path), *TINY, f"data.root={data}", f"run.output_dir={tmp_path / 'runs'}",
-                  "train.epochs=3", "unfreeze.epoch=1", "train.compile=true"]))
+    check(
+        launch(
+            [
+                str(spy),
+                str(tmp_path),
+                *TINY,
+                f"data.root={data}",
+                f"run.output_dir={tmp_path / 'runs'}",
+                "train.epochs=3",
+                "unfreeze.epoch=1",
+                "train.compile=true",
+            ]
+        )
+    )
     ranks = [json.loads((tmp_path / f"rank{k}.json").read_text()) for k in (0, 1)]
     assert ranks[0] == ranks[1], "DDP all-reduces the unfrozen layer4 of the compiled model"
     assert len(set(ranks[0])) == 3, "layer4 trains after the unfreeze (epochs 2 and 3)"
@@ -187,8 +218,19 @@ def test_training_steps_neither_wait_for_nor_copy_to_the_device(tmp_path, monkey
     monkeypatch.setattr(engine, "train_one_epoch", recorded)
     gpu_augment._constants(torch.device("cpu"))  # copied to a device once per process: not per step
     data = make_image_folder(tmp_path / "data", {"anemic": 12, "non-anemic": 12})
-    cfg = load_config(None, [*TINY, f"data.root={data}", "train.batch_size=2", "train.epochs=2", "unfreeze.epoch=1",
-                             "data.val_fraction=0.25", f"run.output_dir={tmp_path / 'runs'}", "run.name=r",
-                             "eval.bootstrap=100"])
+    cfg = load_config(
+        None,
+        [
+            *TINY,
+            f"data.root={data}",
+            "train.batch_size=2",
+            "train.epochs=2",
+            "unfreeze.epoch=1",
+            "data.val_fraction=0.25",
+            f"run.output_dir={tmp_path / 'runs'}",
+            "run.name=r",
+            "eval.bootstrap=100",
+        ],
+    )
     engine.train(cfg)
     assert traffic == [(9, 1, 1), (9, 1, 1)]  # 9 steps per epoch, before and after the unfreeze

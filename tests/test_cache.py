@@ -9,19 +9,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY, check, launch, make_image_folder
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from conftest import ROOT, TINY, check, launch, make_image_folder
 from anemia_dist import cache
 from anemia_dist.cache import CachedImages, decode, decode_all
 from anemia_dist.config import load_config
 from anemia_dist.data import DataError, ImageDataset, build_split
 from anemia_dist.engine import device_transform, make_loaders
 from anemia_dist.gpu_augment import EvalResize, TrainAugment
+from anemia_dist.images import load_rgb, working_size
 from anemia_dist.predict import model_inputs
 from anemia_dist.transforms import eval_transform
-from anemia_dist.images import load_rgb, working_size
 
 BACKGROUND = (124, 116, 104)
 
@@ -214,8 +214,16 @@ def test_pil_pipeline_keeps_the_seed_datasets(tmp_path):
 def test_two_ranks_share_the_disk_cache_the_main_process_wrote(tmp_path):
     data = make_image_folder(tmp_path / "data", {"anemic": 6, "non-anemic": 8})
     store = tmp_path / "cache"
-    args = ["-m", "anemia_dist", "train", *TINY, f"data.root={data}", f"data.cache_dir={store}",
-            f"run.output_dir={tmp_path / 'runs'}", "train.epochs=1"]
+    args = [
+        "-m",
+        "anemia_dist",
+        "train",
+        *TINY,
+        f"data.root={data}",
+        f"data.cache_dir={store}",
+        f"run.output_dir={tmp_path / 'runs'}",
+        "train.epochs=1",
+    ]
     first = check(launch([*args, "run.name=first"]))
     assert "14 decoded, 0 read from" in first.stdout
     assert len(list(store.glob("*.npy"))) == 14 and not list(store.glob(".*"))

@@ -10,7 +10,12 @@ from anemia_dist.config import Config, ConfigError, load_config, packaged_config
 
 def test_defaults_are_the_methodology():
     cfg = Config()
-    assert (cfg.model.arch, cfg.model.weights, cfg.model.hidden, cfg.model.dropout) == ("resnet50", "imagenet", 512, 0.5)
+    assert (cfg.model.arch, cfg.model.weights, cfg.model.hidden, cfg.model.dropout) == (
+        "resnet50",
+        "imagenet",
+        512,
+        0.5,
+    )
     assert (cfg.optim.lr, cfg.optim.weight_decay) == (1e-4, 1e-4)
     assert (cfg.scheduler.factor, cfg.scheduler.patience) == (0.5, 3)
     assert cfg.scheduler.min_lr > 0

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import pytest
+from conftest import make_image_folder, write_csv
 
 from anemia_dist.config import ConfigError, DataConfig, load_config
 from anemia_dist.data import DataError, load_samples
-from conftest import make_image_folder, write_csv
 
 WHO_RULES = [
     {"threshold": 11.0, "when": ["age_months < 60"]},
@@ -18,8 +17,6 @@ WHO_RULES = [
     {"threshold": 12.0, "when": ["sex == F"]},
     {"threshold": 13.0, "when": ["sex == M"]},
 ]
-
-
 
 
 def measured(tmp_path: Path, rows: list[dict]) -> Path:
@@ -57,13 +54,19 @@ def test_threshold_rules_apply_who_cut_offs_by_age_and_sex_first_match_wins(tmp_
         ("12.5", "400", "M", "anemic"),  # man: 13.0
     ]
     manifest = measured(tmp_path, [{"hb": hb, "age_months": age, "sex": sex} for hb, age, sex, _ in people])
-    cfg = load_config(None, [f"data.manifest={manifest}", "data.measure_column=hb", f"data.threshold_rules={WHO_RULES}"])
+    cfg = load_config(
+        None, [f"data.manifest={manifest}", "data.measure_column=hb", f"data.threshold_rules={WHO_RULES}"]
+    )
     assert labels(cfg.data) == [expected for *_, expected in people]
 
 
 def test_a_row_no_rule_covers_is_an_error_naming_its_line(tmp_path):
-    manifest = measured(tmp_path, [{"hb": "12", "age_months": "30", "sex": "F"}, {"hb": "12", "age_months": "400", "sex": "X"}])
-    cfg = load_config(None, [f"data.manifest={manifest}", "data.measure_column=hb", f"data.threshold_rules={WHO_RULES}"])
+    manifest = measured(
+        tmp_path, [{"hb": "12", "age_months": "30", "sex": "F"}, {"hb": "12", "age_months": "400", "sex": "X"}]
+    )
+    cfg = load_config(
+        None, [f"data.manifest={manifest}", "data.measure_column=hb", f"data.threshold_rules={WHO_RULES}"]
+    )
     with pytest.raises(DataError, match=r"line 3: no rule"):
         load_samples(cfg.data)
 
@@ -77,13 +80,21 @@ def test_a_measurement_that_is_not_a_number_is_an_error_naming_its_line(tmp_path
 def test_image_ids_without_folder_or_extension_are_found_under_the_manifest_folder(tmp_path):
     make_image_folder(tmp_path, {"Anemic": 2, "Non-anemic": 2})
     (tmp_path / "Non-anemic" / "img_000.png").rename(tmp_path / "Non-anemic" / "img_100.png")
-    sheet = write_csv(tmp_path / "sheet.csv", [
-        {"IMAGE_ID": "img_000", "HB": "9", "HOSPITAL": "A "},
-        {"IMAGE_ID": "img_100.png", "HB": "12", "HOSPITAL": "B"},
-    ])
-    cfg = DataConfig(manifest=str(sheet), path_column="IMAGE_ID", measure_column="HB", threshold=11.0, site_column="HOSPITAL")
+    sheet = write_csv(
+        tmp_path / "sheet.csv",
+        [
+            {"IMAGE_ID": "img_000", "HB": "9", "HOSPITAL": "A "},
+            {"IMAGE_ID": "img_100.png", "HB": "12", "HOSPITAL": "B"},
+        ],
+    )
+    cfg = DataConfig(
+        manifest=str(sheet), path_column="IMAGE_ID", measure_column="HB", threshold=11.0, site_column="HOSPITAL"
+    )
     samples, _ = load_samples(cfg)
-    assert [Path(s.path).relative_to(tmp_path).as_posix() for s in samples] == ["Anemic/img_000.png", "Non-anemic/img_100.png"]
+    assert [Path(s.path).relative_to(tmp_path).as_posix() for s in samples] == [
+        "Anemic/img_000.png",
+        "Non-anemic/img_100.png",
+    ]
     assert [s.site for s in samples] == ["A", "B"]
 
 
@@ -106,7 +117,10 @@ def test_a_column_the_csv_lacks_is_an_error_naming_the_key(tmp_path):
         (["data.measure_column=hb"], "data.threshold"),
         (["data.measure_column=hb", "data.threshold=11", "data.threshold_column=cut"], "data.threshold"),
         (["data.threshold=11"], "data.measure_column"),
-        (["data.measure_column=hb", "data.threshold_rules=[{threshold: 11, when: ['age 60']}]"], r"data.threshold_rules\[0\].when\[0\]"),
+        (
+            ["data.measure_column=hb", "data.threshold_rules=[{threshold: 11, when: ['age 60']}]"],
+            r"data.threshold_rules\[0\].when\[0\]",
+        ),
         (["data.fold=5", "data.folds=5"], "data.fold"),
         (["data.bad_files=ignore"], "data.bad_files"),
         (["data.manifest=null", "data.root=/x", "data.site_column=HOSPITAL"], "data.site_column"),

@@ -10,19 +10,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_image_folder, make_manifest, write_csv
 from sklearn.model_selection import StratifiedGroupKFold
+from test_audit import BAD, add_bad_files
 
 from anemia_dist.config import DataConfig
 from anemia_dist.data import DataError, balanced_class_weights, build_split
-from conftest import make_image_folder, make_manifest, write_csv
-from test_audit import BAD, add_bad_files
 
 
 def read_rows(manifest: Path) -> list[dict]:
     with manifest.open(newline="") as handle:
         return list(csv.DictReader(handle))
-
-
 
 
 def with_copies(root: Path) -> Path:
@@ -54,7 +52,9 @@ def test_copies_and_patients_stay_in_one_split_in_every_fold(tmp_path):
     rows = read_rows(manifest)
     # Control: splitting by patient alone puts copies on both sides.
     hashes = [content(str(tmp_path / r["path"])) for r in rows]
-    naive = StratifiedGroupKFold(5, shuffle=True, random_state=0).split(rows, [r["label"] for r in rows], [r["group"] for r in rows])
+    naive = StratifiedGroupKFold(5, shuffle=True, random_state=0).split(
+        rows, [r["label"] for r in rows], [r["group"] for r in rows]
+    )
     for _, val in naive:
         in_val = defaultdict(set)
         for i, digest in enumerate(hashes):
@@ -102,7 +102,9 @@ def test_a_fixed_split_column_is_kept_and_copies_across_it_are_an_error(tmp_path
 
     shutil.copy(tmp_path / rows[0]["path"], tmp_path / "anemic" / "leak.png")
     write_csv(manifest, rows + [{"path": "anemic/leak.png", "label": rows[0]["label"], "group": "x", "split": "train"}])
-    with pytest.raises(DataError, match=r"img_000.png \(val\).*leak.png \(train\)|leak.png \(train\).*img_000.png \(val\)"):
+    with pytest.raises(
+        DataError, match=r"img_000.png \(val\).*leak.png \(train\)|leak.png \(train\).*img_000.png \(val\)"
+    ):
         build_split(DataConfig(manifest=str(manifest)), seed=0)
 
 

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import TINY, check, launch, make_image_folder
 from test_audit import BAD, add_bad_files
 
@@ -32,8 +31,13 @@ def test_skipped_files_are_listed_in_the_run_directory_and_counted_in_the_log(tm
     root = make_image_folder(tmp_path / "data", {"anemic": 8, "non-anemic": 8})
     add_bad_files(root)
     runs = tmp_path / "runs"
-    result = check(launch(train_args(f"data.root={root}", "data.bad_files=skip", f"run.output_dir={runs}",
-                                     "run.name=r", "train.epochs=1")))
+    result = check(
+        launch(
+            train_args(
+                f"data.root={root}", "data.bad_files=skip", f"run.output_dir={runs}", "run.name=r", "train.epochs=1"
+            )
+        )
+    )
     assert "left out 5 file(s)" in result.stdout and str(runs / "r" / "excluded.csv") in result.stdout
     with (runs / "r" / "excluded.csv").open() as handle:
         excluded = {Path(row["path"]).name: row["reason"] for row in csv.DictReader(handle)}
@@ -46,8 +50,18 @@ def test_skipped_files_are_listed_in_the_run_directory_and_counted_in_the_log(tm
 def test_cp_anemic_config_trains_on_the_real_data_with_no_preprocessing(tmp_path, cp_anemic):
     runs = tmp_path / "runs"
     sheet = cp_anemic / "Anemia_Data_Collection_Sheet.csv"
-    result = check(launch(train_args(f"data.manifest={sheet}", f"run.output_dir={runs}", "run.name=cp", "train.epochs=1",
-                                     "train.batch_size=32", config="cp_anemic")))
+    result = check(
+        launch(
+            train_args(
+                f"data.manifest={sheet}",
+                f"run.output_dir={runs}",
+                "run.name=cp",
+                "train.epochs=1",
+                "train.batch_size=32",
+                config="cp_anemic",
+            )
+        )
+    )
     assert "exact duplicates: 82 groups, 253 files" in result.stdout
     with (runs / "cp" / "splits.csv").open() as handle:
         rows = list(csv.DictReader(handle))

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, TINY, check, launch, make_image_folder
+
 from anemia_dist.reporting import read_metrics
 
 pytestmark = pytest.mark.multiprocess
@@ -51,7 +51,11 @@ def flat_loss_run(tmp_path: Path, data: Path, world: int) -> list[dict]:
         "train.epochs=12",
     ]
     if world == 1:
-        check(subprocess.run([sys.executable, "-m", "anemia_dist", "train", *run], capture_output=True, text=True, cwd=ROOT))
+        check(
+            subprocess.run(
+                [sys.executable, "-m", "anemia_dist", "train", *run], capture_output=True, text=True, cwd=ROOT
+            )
+        )
     else:
         check(launch(["-m", "anemia_dist", "train", *run], num_processes=world))
     return read_metrics(tmp_path / f"runs{world}" / "flat")

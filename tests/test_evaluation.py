@@ -77,7 +77,9 @@ def test_weighted_metrics_match_sklearn_sample_weight(known):
     table = metric_table(pred, 0.5, weights)
     for row, w in enumerate(weights):
         assert table["auroc"][row] == pytest.approx(skm.roc_auc_score(truth, score, sample_weight=w), abs=1e-12)
-        assert table["auprc"][row] == pytest.approx(skm.average_precision_score(truth, score, sample_weight=w), abs=1e-12)
+        assert table["auprc"][row] == pytest.approx(
+            skm.average_precision_score(truth, score, sample_weight=w), abs=1e-12
+        )
         assert table["loss"][row] == pytest.approx(skm.log_loss(labels, probs, sample_weight=w), abs=1e-12)
         assert table["f1"][row] == pytest.approx(skm.f1_score(truth, score >= 0.5, sample_weight=w), abs=1e-12)
         assert table["brier"][row] == pytest.approx(skm.brier_score_loss(truth, score, sample_weight=w), abs=1e-12)
@@ -163,8 +165,12 @@ def test_threshold_rules_pick_the_documented_points():
     # maximum; the threshold lies halfway to the next lower score, 0.5.
     assert choose_threshold(truth, score, EvalConfig(threshold_rule="youden")) == pytest.approx(0.55)
     # Sensitivity >= 0.6 is first reached at 0.8 (3 of 5): the most specific such cut; next score 0.7.
-    assert choose_threshold(truth, score, EvalConfig(threshold_rule="sensitivity", target_sensitivity=0.6)) == pytest.approx(0.75)
-    assert choose_threshold(truth, score, EvalConfig(threshold_rule="sensitivity", target_sensitivity=1.0)) == pytest.approx(0.55)
+    assert choose_threshold(
+        truth, score, EvalConfig(threshold_rule="sensitivity", target_sensitivity=0.6)
+    ) == pytest.approx(0.75)
+    assert choose_threshold(
+        truth, score, EvalConfig(threshold_rule="sensitivity", target_sensitivity=1.0)
+    ) == pytest.approx(0.55)
     assert choose_threshold(truth, score, EvalConfig(threshold_rule="fixed", fixed_threshold=0.3)) == 0.3
     # Everything positive (all scores equal): halfway to 0.
     assert choose_threshold(truth, np.full(10, 0.4), EvalConfig(threshold_rule="youden")) == pytest.approx(0.2)
@@ -179,7 +185,9 @@ def test_operating_point_reports_the_rule_and_positive_class_by_name():
     cfg = EvalConfig(threshold_rule="sensitivity", target_sensitivity=0.9)
     point = OperatingPoint.fit(labels, probs, ["Anemic", "Non-anemic"], cfg)
     assert point.positive_class == "Anemic" and point.threshold_rule == "sensitivity>=0.9"
-    assert point_metrics(point.predictions(labels, probs, ["Anemic", "Non-anemic"]), point.threshold)["sensitivity"] >= 0.9
+    assert (
+        point_metrics(point.predictions(labels, probs, ["Anemic", "Non-anemic"]), point.threshold)["sensitivity"] >= 0.9
+    )
     assert OperatingPoint.from_meta(point.to_meta(), "meta.json") == point
 
 

@@ -32,8 +32,14 @@ def smooth_images(batch: int, size: int, seed: int = 0) -> torch.Tensor:
 
 def params(**values) -> AugmentParams:
     defaults = dict(
-        flip=False, rotation=0.0, angle=0.0, translate=(0.0, 0.0), scale=1.0,
-        brightness=1.0, contrast=1.0, brightness_first=True,
+        flip=False,
+        rotation=0.0,
+        angle=0.0,
+        translate=(0.0, 0.0),
+        scale=1.0,
+        brightness=1.0,
+        contrast=1.0,
+        brightness_first=True,
     )
     defaults.update(values)
     return AugmentParams(**{k: torch.tensor([v]) for k, v in defaults.items()})
@@ -48,8 +54,13 @@ def torchvision_jitter(image: torch.Tensor, brightness: float, contrast: float, 
 def test_ranges_are_read_from_the_seed_pipeline_and_equal_the_methodology():
     ranges = AugmentRanges.from_seed_pipeline()
     assert ranges == AugmentRanges(
-        flip_p=0.5, rotation=15.0, degrees=15.0, translate=0.1, scale=(0.8, 1.2),
-        brightness=(0.8, 1.2), contrast=(0.8, 1.2),
+        flip_p=0.5,
+        rotation=15.0,
+        degrees=15.0,
+        translate=0.1,
+        scale=(0.8, 1.2),
+        brightness=(0.8, 1.2),
+        contrast=(0.8, 1.2),
     )
 
 
@@ -84,10 +95,18 @@ def test_flip_translate_scale_and_jitter_match_torchvision_functional():
     image = smooth_images(1, 64)
     reference_input = image.float() / 255
     for flip, brightness_first in ((True, True), (False, False)):
-        fixed = params(flip=flip, translate=(3.0, -2.0), scale=1.2, brightness=1.15, contrast=0.85,
-                       brightness_first=brightness_first)
+        fixed = params(
+            flip=flip,
+            translate=(3.0, -2.0),
+            scale=1.2,
+            brightness=1.15,
+            contrast=0.85,
+            brightness_first=brightness_first,
+        )
         expected = TF.hflip(reference_input) if flip else reference_input
-        expected = TF.affine(expected, angle=0.0, translate=[3, -2], scale=1.2, shear=[0.0, 0.0], interpolation=BILINEAR)
+        expected = TF.affine(
+            expected, angle=0.0, translate=[3, -2], scale=1.2, shear=[0.0, 0.0], interpolation=BILINEAR
+        )
         expected = torchvision_jitter(expected, 1.15, 0.85, brightness_first)
         # Same grid, same bilinear sampling: equal up to float rounding.
         torch.testing.assert_close(augment(image, fixed, 64), expected, atol=1e-5, rtol=0)
@@ -98,16 +117,20 @@ def test_rotation_then_affine_equals_torchvision_single_affine_when_no_corner_is
     # (scale 1.2, small angles): our single pass must equal that one torchvision call.
     image = smooth_images(1, 64, seed=2)
     fixed = params(flip=True, rotation=4.0, angle=-3.0, scale=1.2)
-    expected = TF.affine(TF.hflip(image.float() / 255), angle=-7.0, translate=[0, 0], scale=1.2, shear=[0.0, 0.0],
-                         interpolation=BILINEAR)
+    expected = TF.affine(
+        TF.hflip(image.float() / 255), angle=-7.0, translate=[0, 0], scale=1.2, shear=[0.0, 0.0], interpolation=BILINEAR
+    )
     torch.testing.assert_close(augment(image, fixed, 64), expected, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("flip,rotation,angle,translate,scale", [
-    (True, 10.0, -7.0, (3.0, -5.0), 1.1),
-    (False, -15.0, 15.0, (6.0, 6.0), 0.8),
-    (True, 15.0, 15.0, (-6.0, 2.0), 1.2),
-])
+@pytest.mark.parametrize(
+    "flip,rotation,angle,translate,scale",
+    [
+        (True, 10.0, -7.0, (3.0, -5.0), 1.1),
+        (False, -15.0, 15.0, (6.0, 6.0), 0.8),
+        (True, 15.0, 15.0, (-6.0, 2.0), 1.2),
+    ],
+)
 def test_one_pass_matches_torchvision_sequential_rotate_then_affine(flip, rotation, angle, translate, scale):
     """Tolerance: mean |difference| below 0.01 of the [0, 1] range. The sequential reference
     resamples twice (slightly blurrier) and its frame edges are soft; with the rotation's sign
@@ -118,8 +141,9 @@ def test_one_pass_matches_torchvision_sequential_rotate_then_affine(flip, rotati
 
     def sequential(rotation_degrees: float) -> torch.Tensor:
         rotated = TF.rotate(flipped, rotation_degrees, interpolation=BILINEAR)
-        return TF.affine(rotated, angle=angle, translate=list(translate), scale=scale, shear=[0.0, 0.0],
-                         interpolation=BILINEAR)
+        return TF.affine(
+            rotated, angle=angle, translate=list(translate), scale=scale, shear=[0.0, 0.0], interpolation=BILINEAR
+        )
 
     ours = augment(image, params(flip=flip, rotation=rotation, angle=angle, translate=translate, scale=scale), 64)
     assert (ours - sequential(rotation)).abs().mean().item() < 0.01
@@ -161,8 +185,9 @@ def test_train_augment_returns_normalised_channels_last_batches_at_the_training_
 
 def test_eval_resize_equals_torchvision_resize_and_normalize():
     images = smooth_images(2, 39, seed=6)
-    expected = TF.normalize(TF.resize(images.float() / 255, [32, 32], interpolation=BILINEAR, antialias=True),
-                            IMAGENET_MEAN, IMAGENET_STD)
+    expected = TF.normalize(
+        TF.resize(images.float() / 255, [32, 32], interpolation=BILINEAR, antialias=True), IMAGENET_MEAN, IMAGENET_STD
+    )
     out = EvalResize(32, channels_last=False)(images)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
     assert out.is_contiguous()

@@ -91,7 +91,10 @@ def test_fetch_weights_command_exits_2_with_the_message(tmp_path):
     env = {"TORCH_HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "https_proxy": "http://127.0.0.1:9"}
     result = subprocess.run(
         [sys.executable, "-m", "anemia_dist", "fetch-weights", "--arch", "resnet18"],
-        capture_output=True, text=True, env=env, timeout=120,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert result.returncode == 2
     assert "could not download" in result.stderr and "copy the file to" in result.stderr

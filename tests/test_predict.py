@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import check, launch, make_image_folder, make_manifest
 
 from anemia_dist import checkpoint
 from anemia_dist.cli import main
@@ -15,7 +16,6 @@ from anemia_dist.config import ConfigError, ModelConfig
 from anemia_dist.evaluation import METRICS, OperatingPoint
 from anemia_dist.model import build_model
 from anemia_dist.predict import evaluate, predict
-from conftest import check, launch, make_image_folder, make_manifest
 
 
 def make_best(directory: Path, classes: list[str], threshold: float = 0.5, temperature: float = 1.0) -> Path:
@@ -47,7 +47,23 @@ def test_predict_lists_a_corrupt_file_and_scores_the_rest(tmp_path, capsys):
     (folder / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     (folder / "notes.txt").write_text("not an image, not listed")
     out = tmp_path / "preds.csv"
-    assert main(["predict", "--checkpoint", str(best), str(folder), "--out", str(out), "--batch-size", "4", "--num-workers", "0"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(best),
+                str(folder),
+                "--out",
+                str(out),
+                "--batch-size",
+                "4",
+                "--num-workers",
+                "0",
+            ]
+        )
+        == 0
+    )
     rows = read_csv(out)
     assert len(rows) == 10
     broken = [r for r in rows if r["path"].endswith("broken.png")]
@@ -65,7 +81,9 @@ def test_predict_and_evaluate_see_the_same_images(tmp_path):
     """Same preprocessing (RGBA compositing, resize, normalisation), same temperature, same threshold."""
     best = make_best(tmp_path / "best", ["anemic", "non-anemic"], threshold=0.47, temperature=2.0)
     manifest = make_manifest(tmp_path / "data", {"anemic": 6, "non-anemic": 5})
-    record = evaluate(best, manifest, ["data.num_workers=0", "eval.bootstrap=100"], batch_size=4, report_dir=tmp_path / "rep")
+    record = evaluate(
+        best, manifest, ["data.num_workers=0", "eval.bootstrap=100"], batch_size=4, report_dir=tmp_path / "rep"
+    )
     evaluated = {r["path"]: r for r in read_csv(tmp_path / "rep" / "predictions.csv")}
     predicted = predict(best, [tmp_path / "data"], batch_size=3, num_workers=0)
     assert len(predicted) == len(evaluated) == record["n"] == 11
@@ -80,8 +98,24 @@ def test_evaluate_record_has_every_metric_with_an_interval(tmp_path):
     best = make_best(tmp_path / "best", ["anemic", "non-anemic"])
     manifest = make_manifest(tmp_path / "data", {"anemic": 8, "non-anemic": 8}, per_group=2)
     out = tmp_path / "eval" / "test.json"
-    assert main(["evaluate", "--checkpoint", str(best), "--data", str(manifest), "--out", str(out),
-                 "--batch-size", "4", "data.num_workers=0", "eval.bootstrap=200"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--checkpoint",
+                str(best),
+                "--data",
+                str(manifest),
+                "--out",
+                str(out),
+                "--batch-size",
+                "4",
+                "data.num_workers=0",
+                "eval.bootstrap=200",
+            ]
+        )
+        == 0
+    )
     record = json.loads(out.read_text())
     for name in METRICS:
         assert name in record and set(record["ci"][name]) == {"low", "high", "method"}
@@ -119,8 +153,21 @@ def test_evaluate_on_two_processes_gives_the_one_process_numbers(tmp_path):
     records = {}
     for processes in (1, 2):
         out = tmp_path / f"eval{processes}.json"
-        args = ["-m", "anemia_dist", "evaluate", "--checkpoint", str(best), "--data", str(manifest), "--out", str(out),
-                "--batch-size", "4", "data.num_workers=0", "eval.bootstrap=300"]
+        args = [
+            "-m",
+            "anemia_dist",
+            "evaluate",
+            "--checkpoint",
+            str(best),
+            "--data",
+            str(manifest),
+            "--out",
+            str(out),
+            "--batch-size",
+            "4",
+            "data.num_workers=0",
+            "eval.bootstrap=300",
+        ]
         assert f"{processes} process(es)" in check(launch(args, num_processes=processes)).stdout
         records[processes] = json.loads(out.read_text())
         records[processes].pop("report")
@@ -132,13 +179,21 @@ def test_evaluate_on_two_processes_gives_the_one_process_numbers(tmp_path):
 
 def test_evaluate_on_cp_anemic(tmp_path, cp_anemic):
     best = make_best(tmp_path / "best", ["Anemic", "Non-anemic"])
-    record = evaluate(best, cp_anemic, ["data.num_workers=2", "eval.bootstrap=200"], batch_size=64,
-                      out=tmp_path / "cp.json", report_dir=tmp_path / "report")
+    record = evaluate(
+        best,
+        cp_anemic,
+        ["data.num_workers=2", "eval.bootstrap=200"],
+        batch_size=64,
+        out=tmp_path / "cp.json",
+        report_dir=tmp_path / "report",
+    )
     anemic = len(list((cp_anemic / "Anemic").glob("*.png")))
     total = anemic + len(list((cp_anemic / "Non-anemic").glob("*.png")))
     assert record["n"] == total == 615 and record["n_positive"] == anemic
     assert record["positive_class"] == "Anemic" and record["negative_class"] == "Non-anemic"
-    assert record["auroc"] is not None and record["ci"]["auroc"]["low"] <= record["auroc"] <= record["ci"]["auroc"]["high"]
+    assert (
+        record["auroc"] is not None and record["ci"]["auroc"]["low"] <= record["auroc"] <= record["ci"]["auroc"]["high"]
+    )
     assert (tmp_path / "report" / "report.html").is_file()
 
 

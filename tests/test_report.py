@@ -7,12 +7,12 @@ import re
 
 import numpy as np
 import pytest
+from conftest import TINY, check, launch, make_manifest
 
 from anemia_dist.evaluation import OperatingPoint, summarize
 from anemia_dist.predict import evaluate
 from anemia_dist.report import FIGURES, write_report
 from anemia_dist.reporting import read_metrics
-from conftest import TINY, check, launch, make_manifest
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -70,9 +70,21 @@ def test_training_saves_the_threshold_logs_screening_metrics_and_writes_the_repo
     """2 ranks; the threshold rule is a target sensitivity, with temperature scaling. The PIL
     pipeline validates with exactly the preprocessing evaluate uses, so their numbers can agree."""
     manifest = make_manifest(tmp_path / "data", {"anemic": 12, "non-anemic": 12}, per_group=2)
-    args = ["-m", "anemia_dist", "train", *TINY, f"data.manifest={manifest}", "train.epochs=2",
-            f"run.output_dir={tmp_path / 'runs'}", "run.name=r", "eval.threshold_rule=sensitivity",
-            "eval.target_sensitivity=0.9", "eval.calibrate=true", "eval.bootstrap=200", "data.pipeline=pil"]
+    args = [
+        "-m",
+        "anemia_dist",
+        "train",
+        *TINY,
+        f"data.manifest={manifest}",
+        "train.epochs=2",
+        f"run.output_dir={tmp_path / 'runs'}",
+        "run.name=r",
+        "eval.threshold_rule=sensitivity",
+        "eval.target_sensitivity=0.9",
+        "eval.calibrate=true",
+        "eval.bootstrap=200",
+        "data.pipeline=pil",
+    ]
     check(launch(args))
     run = tmp_path / "runs" / "r"
 
@@ -81,8 +93,19 @@ def test_training_saves_the_threshold_logs_screening_metrics_and_writes_the_repo
     assert 0.0 <= meta["threshold"] <= 1.0 and meta["temperature"] > 0
     rows = read_metrics(run)
     for row in rows:
-        for key in ("val_auroc", "val_auprc", "val_sensitivity", "val_specificity", "val_ppv", "val_npv",
-                    "val_f1", "val_brier", "val_ece", "val_balanced_accuracy", "val_threshold"):
+        for key in (
+            "val_auroc",
+            "val_auprc",
+            "val_sensitivity",
+            "val_specificity",
+            "val_ppv",
+            "val_npv",
+            "val_f1",
+            "val_brier",
+            "val_ece",
+            "val_balanced_accuracy",
+            "val_threshold",
+        ):
             assert key in row, key
     best_row = next(r for r in rows if r["epoch"] == meta["epoch"])
     assert best_row["val_threshold"] == meta["threshold"]
@@ -94,8 +117,14 @@ def test_training_saves_the_threshold_logs_screening_metrics_and_writes_the_repo
         assert (run / "report" / name).is_file(), name
 
     # evaluate on the run's validation rows reproduces the saved model's validation numbers
-    record = evaluate(run / "best", run / "splits.csv", ["data.num_workers=0", "eval.bootstrap=100"],
-                      batch_size=4, report_dir=tmp_path / "again", split="val")
+    record = evaluate(
+        run / "best",
+        run / "splits.csv",
+        ["data.num_workers=0", "eval.bootstrap=100"],
+        batch_size=4,
+        report_dir=tmp_path / "again",
+        split="val",
+    )
     assert record["n"] == validation["n"]
     for name in ("auroc", "sensitivity", "specificity", "brier", "loss"):
         assert record[name] == pytest.approx(validation[name], abs=1e-5), name

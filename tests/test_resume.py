@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, TINY, check, launch, make_image_folder, write_image
 
 from anemia_dist.checkpointer import complete_checkpoints, read_info
 from anemia_dist.preemption import PREEMPTED_EXIT_CODE
 from anemia_dist.reporting import read_metrics
-from conftest import ROOT, TINY, check, launch, make_image_folder, write_image
 
 # A run that really trains (lr 1e-3), cuts the lr (patience 1) and unfreezes layer4 at epoch 3.
 SETTINGS = [*TINY, "optim.lr=1e-3", "scheduler.patience=1", "unfreeze.epoch=2", "early_stopping.patience=3"]
@@ -60,9 +60,10 @@ def test_resumed_run_reproduces_the_uninterrupted_run(tmp_path, world, k):
     assert any(r["lr"][0] < 1e-3 for r in reference), "the scenario includes an lr cut"
     assert len(reference) < 9, "and an early stop"
     assert_same_rows(resumed, reference, from_epoch=k + 1)
-    assert json.loads((tmp_path / "parted" / "summary.json").read_text())["best_epoch"] == json.loads(
-        (tmp_path / "whole" / "summary.json").read_text()
-    )["best_epoch"]
+    assert (
+        json.loads((tmp_path / "parted" / "summary.json").read_text())["best_epoch"]
+        == json.loads((tmp_path / "whole" / "summary.json").read_text())["best_epoch"]
+    )
 
 
 def checkpoint_state(checkpoint: Path) -> dict:
@@ -119,8 +120,13 @@ def test_signal_to_one_rank_saves_mid_epoch_and_the_resumed_run_matches(tmp_path
 def test_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path):
     data = make_image_folder(tmp_path / "data", {"anemic": 10, "non-anemic": 14})
     args = [*SETTINGS, f"data.root={data}", f"run.output_dir={tmp_path}", "run.name=k", "train.epochs=5"]
-    killed = subprocess.run([sys.executable, str(ROOT / "tests" / "kill_during_save.py"), "3", *args],
-                            capture_output=True, text=True, cwd=ROOT, timeout=600)
+    killed = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "kill_during_save.py"), "3", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
     assert killed.returncode == -signal.SIGKILL
     checkpoints = tmp_path / "k" / "checkpoints"
     torn = checkpoints / ".tmp-epoch-0003"

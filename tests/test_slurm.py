@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, TINY, free_port, make_image_folder
 
 from anemia_dist.preemption import PREEMPTED_EXIT_CODE
 from anemia_dist.reporting import read_metrics
-from conftest import ROOT, TINY, free_port, make_image_folder
 
 SLURM = ROOT / "slurm"
 SCRIPTS = [SLURM / name for name in ("lib.sh", "node_launch.sh", "local_cluster.sh")] + sorted(SLURM.glob("*.sbatch"))
@@ -38,8 +38,12 @@ def test_scripts_parse_and_agree_on_the_preemption_exit_code():
 def test_local_cluster_refuses_to_start_without_root_or_slurm(tmp_path):
     """The helper fails with a message saying what is missing, instead of half-starting daemons."""
     env = {**os.environ, "PATH": "/usr/bin:/bin"}  # not /usr/sbin, where the daemons live
-    result = subprocess.run(["/bin/bash", str(SLURM / "local_cluster.sh"), "up", str(tmp_path / "state")],
-                            env=env, capture_output=True, text=True)
+    result = subprocess.run(
+        ["/bin/bash", str(SLURM / "local_cluster.sh"), "up", str(tmp_path / "state")],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode != 0
     assert "must run as root" in result.stderr or "apt-get install -y slurm-wlm munge" in result.stderr
     assert not (tmp_path / "state").exists()
@@ -59,8 +63,9 @@ def slurm_env():
     ports = {"SLURMCTLD_PORT": str(free_port()), "SLURMD_PORT": str(free_port())}
     command = [str(SLURM / "local_cluster.sh")]
     try:
-        up = subprocess.run([*command, "up", str(state)], env={**os.environ, **ports},
-                            capture_output=True, text=True, timeout=120)
+        up = subprocess.run(
+            [*command, "up", str(state)], env={**os.environ, **ports}, capture_output=True, text=True, timeout=120
+        )
         assert up.returncode == 0, f"local cluster did not start:\n{up.stderr}"
         conf = re.search(r"^export SLURM_CONF=(\S+)$", up.stdout, re.M).group(1)
         venv_bin = str(Path(sys.executable).parent)
@@ -81,8 +86,9 @@ def submit(slurm_env: dict, workdir: Path, script: str, args: list[str], sbatch_
 
 def job_info(slurm_env: dict, job: str) -> dict[str, str]:
     """``scontrol show job`` as a dict (there is no accounting database, so no ``sacct``)."""
-    out = subprocess.run(["scontrol", "show", "job", "-o", job], env=slurm_env, capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        ["scontrol", "show", "job", "-o", job], env=slurm_env, capture_output=True, text=True, check=True
+    ).stdout
     return dict(re.findall(r"(\w+)=(\S*)", out))
 
 
@@ -107,8 +113,13 @@ def run_job(slurm_env: dict, workdir: Path, script: str, args: list[str], timeou
 
 def train_args(tmp_path: Path, epochs: int) -> list[str]:
     data = make_image_folder(tmp_path / "data", {"anemic": 12, "non-anemic": 12})
-    return [*TINY, f"data.root={data}", f"train.epochs={epochs}", "early_stopping.patience=100",
-            f"run.output_dir={tmp_path / 'runs'}"]
+    return [
+        *TINY,
+        f"data.root={data}",
+        f"train.epochs={epochs}",
+        "early_stopping.patience=100",
+        f"run.output_dir={tmp_path / 'runs'}",
+    ]
 
 
 def output_of(workdir: Path, job: str, name: str = "anemia-dist") -> str:
@@ -138,8 +149,13 @@ def test_single_node_job_trains_on_two_ranks_into_a_run_directory_named_after_th
 @pytest.mark.multiprocess
 def test_multi_node_script_starts_one_launcher_per_node_with_its_machine_rank(slurm_env, tmp_path):
     """One node here, but through the same srun, per-node rank expansion and head-node lookup."""
-    job, info = run_job(slurm_env, tmp_path, "train_multi_node.sbatch", train_args(tmp_path, epochs=1),
-                        sbatch_args=("--nodes=1", f"--export=ALL,MAIN_PROCESS_PORT={free_port()}"))
+    job, info = run_job(
+        slurm_env,
+        tmp_path,
+        "train_multi_node.sbatch",
+        train_args(tmp_path, epochs=1),
+        sbatch_args=("--nodes=1", f"--export=ALL,MAIN_PROCESS_PORT={free_port()}"),
+    )
     output = output_of(tmp_path, job, "anemia-dist-multinode")
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", output[-5000:]
     assert "1 node(s) x 2 process(es)" in output

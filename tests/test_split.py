@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+from conftest import make_manifest
 
 from anemia_dist.config import DataConfig
 from anemia_dist.data import DataError, balanced_class_weights, build_split
-from conftest import make_manifest
 
 
 def test_split_keeps_patients_whole_stratifies_and_is_reproducible(tmp_path):

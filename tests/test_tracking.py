@@ -15,12 +15,12 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+from conftest import ROOT, TINY, check, launch, make_image_folder
+from wandb_records import config, history, read_records, run_id, summary
 
 from anemia_dist import tracking
 from anemia_dist.config import ConfigError, load_config
 from anemia_dist.reporting import read_metrics
-from conftest import ROOT, TINY, check, launch, make_image_folder
-from wandb_records import config, history, read_records, run_id, summary
 
 FALLBACK = "W&B online logging unavailable"
 
@@ -40,8 +40,9 @@ def test_tracking_settings_accept_yaml_off_and_name_the_key_on_bad_values():
 
 
 def test_init_kwargs_continue_the_saved_run_and_respect_wandb_environment(monkeypatch):
-    cfg = load_config(None, ["tracking.wandb=online", "run.output_dir=/scratch/runs", "run.name=fold0",
-                             "tracking.tags=[a]"])
+    cfg = load_config(
+        None, ["tracking.wandb=online", "run.output_dir=/scratch/runs", "run.name=fold0", "tracking.tags=[a]"]
+    )
     monkeypatch.delenv("WANDB_DIR", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     fresh = tracking.wandb_init_kwargs(cfg, None, "online")["wandb"]
@@ -81,12 +82,30 @@ def test_online_without_an_api_key_trains_on_and_logs_offline_with_a_message(tmp
     data = make_image_folder(tmp_path / "data", {"anemic": 8, "non-anemic": 8})
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     # No key anywhere: a fresh HOME has no ~/.netrc or W&B settings.
-    env |= {"HOME": str(tmp_path / "home"), "WANDB_BASE_URL": listening_server, "WANDB_DIR": str(tmp_path),
-            "OMP_NUM_THREADS": "1"}
+    env |= {
+        "HOME": str(tmp_path / "home"),
+        "WANDB_BASE_URL": listening_server,
+        "WANDB_DIR": str(tmp_path),
+        "OMP_NUM_THREADS": "1",
+    }
     result = subprocess.run(
-        [sys.executable, "-m", "anemia_dist", "train", *TINY, f"data.root={data}", "train.epochs=1",
-         f"run.output_dir={tmp_path / 'runs'}", "run.name=r", "tracking.wandb=online"],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "anemia_dist",
+            "train",
+            *TINY,
+            f"data.root={data}",
+            "train.epochs=1",
+            f"run.output_dir={tmp_path / 'runs'}",
+            "run.name=r",
+            "tracking.wandb=online",
+        ],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     check(result)
     assert FALLBACK in result.stderr and "No API key" in result.stderr and "wandb sync" in result.stderr
@@ -104,16 +123,33 @@ def offline_run(tmp_path_factory):
     """A real 2-rank run with WANDB_MODE=offline (as on a compute node) although the config says online."""
     root = tmp_path_factory.mktemp("tracking")
     data = make_image_folder(root / "data", {"anemic": 12, "non-anemic": 12})
-    args = ["-m", "anemia_dist", "train", *TINY, f"data.root={data}", "unfreeze.epoch=1", "early_stopping.patience=50",
-            f"run.output_dir={root / 'runs'}", "run.name=tracked", "tracking.wandb=online", "tracking.tags=[ci]"]
+    args = [
+        "-m",
+        "anemia_dist",
+        "train",
+        *TINY,
+        f"data.root={data}",
+        "unfreeze.epoch=1",
+        "early_stopping.patience=50",
+        f"run.output_dir={root / 'runs'}",
+        "run.name=tracked",
+        "tracking.wandb=online",
+        "tracking.tags=[ci]",
+    ]
     env = {"WANDB_MODE": "offline", "WANDB_DIR": str(root)}
     run_dir = root / "runs" / "tracked"
     first = check(launch([*args, "train.epochs=3"], env=env))
     first_runs, first_summary = wandb_runs(root), json.loads((run_dir / "summary.json").read_text())
     first_config = yaml.safe_load((run_dir / "config.yaml").read_text())
     check(launch([*args, "train.epochs=4", "run.resume=auto"], env=env))
-    return SimpleNamespace(root=root, run_dir=run_dir, first=first, first_runs=first_runs,
-                           first_summary=first_summary, first_config=first_config)
+    return SimpleNamespace(
+        root=root,
+        run_dir=run_dir,
+        first=first,
+        first_runs=first_runs,
+        first_summary=first_summary,
+        first_config=first_config,
+    )
 
 
 def values_equal(logged, expected) -> bool:

@@ -6,18 +6,25 @@ import csv
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, TINY, check, launch
 
 from anemia_dist.checkpoint import load_best
 from anemia_dist.reporting import read_metrics
-from conftest import ROOT, TINY, check, launch
 
 ROW_KEYS = {
-    "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "unfrozen",
-    "world_size", "epoch_seconds", "train_images_per_second",
+    "epoch",
+    "train_loss",
+    "train_acc",
+    "val_loss",
+    "val_acc",
+    "lr",
+    "unfrozen",
+    "world_size",
+    "epoch_seconds",
+    "train_images_per_second",
 }
 
 
@@ -28,8 +35,17 @@ def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 
 
 def test_one_process_run_writes_the_documented_run_directory(tmp_path, image_folder):
-    check(run_cli("train", *TINY, f"data.root={image_folder}", f"run.output_dir={tmp_path}", "run.name=r",
-                  "train.epochs=3", "unfreeze.epoch=1"))
+    check(
+        run_cli(
+            "train",
+            *TINY,
+            f"data.root={image_folder}",
+            f"run.output_dir={tmp_path}",
+            "run.name=r",
+            "train.epochs=3",
+            "unfreeze.epoch=1",
+        )
+    )
     run = tmp_path / "r"
     assert {"config.yaml", "splits.csv", "metrics.jsonl", "summary.json", "curves.png", "best"} <= {
         p.name for p in run.iterdir()
@@ -71,9 +87,24 @@ def test_no_data_source_is_an_error_saying_what_to_set(tmp_path):
 
 @pytest.mark.multiprocess
 def test_plateaued_head_unfreezes_early_on_both_ranks(tmp_path, image_folder):
-    check(launch(["-m", "anemia_dist", "train", *TINY, f"data.root={image_folder}", f"run.output_dir={tmp_path}",
-                  "run.name=p", "optim.lr=1e-7", "early_stopping.min_delta=1e-4", "unfreeze.epoch=100",
-                  "unfreeze.plateau_patience=2", "train.epochs=4"]))
+    check(
+        launch(
+            [
+                "-m",
+                "anemia_dist",
+                "train",
+                *TINY,
+                f"data.root={image_folder}",
+                f"run.output_dir={tmp_path}",
+                "run.name=p",
+                "optim.lr=1e-7",
+                "early_stopping.min_delta=1e-4",
+                "unfreeze.epoch=100",
+                "unfreeze.plateau_patience=2",
+                "train.epochs=4",
+            ]
+        )
+    )
     rows = read_metrics(tmp_path / "p")
     # epoch 1 sets the best; epochs 2 and 3 do not improve; layer4 trains from epoch 4
     assert [r["unfrozen"] for r in rows] == [[], [], [], ["layer4"]]
@@ -92,8 +123,18 @@ def test_demo_runs_on_two_cpu_ranks_and_prints_a_summary(tmp_path):
 
 
 def test_trains_on_real_cp_anemic_folders(tmp_path, cp_anemic):
-    check(run_cli("train", *TINY, f"data.root={cp_anemic}", f"run.output_dir={tmp_path}", "run.name=cp",
-                  "train.epochs=2", "train.batch_size=32", "data.classes=[Anemic, Non-anemic]"))
+    check(
+        run_cli(
+            "train",
+            *TINY,
+            f"data.root={cp_anemic}",
+            f"run.output_dir={tmp_path}",
+            "run.name=cp",
+            "train.epochs=2",
+            "train.batch_size=32",
+            "data.classes=[Anemic, Non-anemic]",
+        )
+    )
     rows = read_metrics(tmp_path / "cp")
     assert len(rows) == 2 and all(r["val_loss"] > 0 for r in rows)
     with (tmp_path / "cp" / "splits.csv").open() as handle:
@@ -101,8 +142,17 @@ def test_trains_on_real_cp_anemic_folders(tmp_path, cp_anemic):
 
 
 def test_bf16_mixed_precision_from_the_config_trains_on_cpu(tmp_path, image_folder):
-    result = check(run_cli("train", *TINY, f"data.root={image_folder}", f"run.output_dir={tmp_path}", "run.name=bf",
-                           "train.epochs=1", "train.mixed_precision=bf16"))
+    result = check(
+        run_cli(
+            "train",
+            *TINY,
+            f"data.root={image_folder}",
+            f"run.output_dir={tmp_path}",
+            "run.name=bf",
+            "train.epochs=1",
+            "train.mixed_precision=bf16",
+        )
+    )
     rows = read_metrics(tmp_path / "bf")
     assert len(rows) == 1 and rows[0]["val_loss"] > 0
     assert "mixed precision bf16" in result.stdout
