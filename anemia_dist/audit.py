@@ -21,17 +21,16 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from .images import decode_rgb
-
-if TYPE_CHECKING:
-    from .data import Sample
+from .config import DataConfig
+from .images import decode_rgb, working_size
+from .run_dir import AUDIT_CSV, AUDIT_JSON, EXCLUDED
+from .sources import Sample, load_samples
 
 HASH_SIZE = 16
 """dHash grid: 16 rows of 16 comparisons = 256 bits."""
@@ -115,7 +114,7 @@ def near_pairs(hashes: Sequence[bytes], max_distance: int) -> list[tuple[int, in
             distance += _popcount(rows[:, k, None] ^ columns[k, None, start:])
         i, j = np.nonzero(distance <= max_distance)
         later = j > i  # both indices count from `start`
-        pairs += [(start + a, start + b) for a, b in zip(i[later].tolist(), j[later].tolist())]
+        pairs += [(start + a, start + b) for a, b in zip(i[later].tolist(), j[later].tolist(), strict=True)]
     return pairs
 
 
@@ -246,12 +245,22 @@ class AuditReport:
         """``audit.csv`` (every finding, with paths) and ``audit.json`` (counts) in ``directory``."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        with (directory / "audit.csv").open("w", newline="") as handle:
+        with (directory / AUDIT_CSV).open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=["kind", "path", "label", "group", "detail"])
             writer.writeheader()
             writer.writerows(self.rows())
-        (directory / "audit.json").write_text(json.dumps(self.summary(), indent=2) + "\n")
-        return directory / "audit.csv"
+        (directory / AUDIT_JSON).write_text(json.dumps(self.summary(), indent=2) + "\n")
+        return directory / AUDIT_CSV
+
+    def bad_files_message(self) -> str:
+        """Why training stops (data.bad_files=error): every bad file, and the ways out."""
+        checks = [self.checks[i] for i in self.bad]
+        listed = "\n".join(f"  {check.problem:<10} {check.path}  ({check.detail})" for check in checks)
+        return (
+            f"{len(self.bad)} bad file(s) found before training (data.bad_files=error):\n{listed}\n"
+            "Replace or remove these files (or their manifest rows), or set data.bad_files=skip to train "
+            f"without them; skipped files are listed in the run directory's {EXCLUDED}."
+        )
 
 
 def audit_samples(
@@ -280,7 +289,7 @@ def audit_samples(
         pairs = near_pairs([checks[members[0]].dhash for members in contents], near_duplicate_distance)
         component = connected_groups(len(contents), _pair_keys(len(contents), pairs))
         merged: dict[int, list[int]] = defaultdict(list)
-        for k, members in enumerate(contents):
+        for k in range(len(contents)):
             merged[int(component[k])].append(k)
         near = [sorted(i for k in ks for i in contents[k]) for ks in merged.values() if len(ks) > 1]
     labels = [classes[s.label] for s in samples]
@@ -293,3 +302,12 @@ def _pair_keys(n: int, pairs: Sequence[tuple[int, int]]) -> list[list[object]]:
         keys[a].append(number)
         keys[b].append(number)
     return keys
+
+
+def audit_data(cfg: DataConfig) -> tuple[list[Sample], list[str], AuditReport]:
+    """Every sample the config names, and the audit of their files (what ``anemia-dist audit-data`` runs)."""
+    samples, classes = load_samples(cfg)
+    report = audit_samples(
+        samples, classes, cfg.min_size, cfg.near_duplicate_distance, cfg.alpha_background, working_size(cfg.image_size)
+    )
+    return samples, classes, report

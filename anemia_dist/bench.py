@@ -1,50 +1,51 @@
-"""``anemia-dist bench``: the seed-style input pipeline against this package's, and the model's rates.
+"""``anemia-dist bench``: the PIL input pipeline against the cached one, and the model's rates.
 
-In one process, on the same images: the seed-style pipeline (PIL from disk every epoch, the
+In one process, on the same images: the PIL pipeline (PIL from disk every epoch, the
 methodology's transforms, a DataLoader) against the decoded-image cache plus batched
 augmentation on the device, with the same worker count and the same augmentation; then the
-training rate of phase 1 (frozen backbone) and phase 2 (layer4 unfrozen) against a
-forward-only pass of the same model; then whole phase-1 training steps fed by each pipeline.
+training rate of phase 1 (frozen backbone) and phase 2 (``unfreeze.layers`` trainable) against
+a forward-only pass of the same model; then whole phase-1 training steps fed by each pipeline.
+The model, optimiser and step are the trainer's own, set up from the config's defaults.
 Without ``--data`` it writes its own JPEGs: 640×480 and 3000×4000 (12 MP phone photos).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from accelerate import Accelerator
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from .cache import CachedImages, decode_all
-from .config import ModelConfig
-from .data import ImageDataset, Sample
-from .gpu_augment import TrainAugment
+from .batch_augment import TrainAugment
+from .config import ARCHS, Config, DataConfig, ModelConfig, TrainConfig, load_config
+from .datasets import CachedImages, ImageDataset, decode_all
+from .errors import DataError
 from .images import IMAGE_EXTENSIONS, working_size
-from .model import build_model, optimizer_param_groups, set_train_mode, unfreeze
+from .model import build_model, freeze_backbone, set_train_mode
+from .sources import Sample, find_image_files
+from .splits import balanced_class_weights
+from .trainer import apply_speed_settings, build_optimizer, training_step, unfreeze_stages
 from .transforms import train_transform
 
-BACKGROUND = (124, 116, 104)
 GENERATED_SETS = {"640x480": (640, 480), "3000x4000": (3000, 4000)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help="folder of images to use (searched recursively); default: generated JPEGs")
     parser.add_argument("--output", default="bench.json", help="where to write the JSON results")
-    parser.add_argument("--arch", default="resnet50", choices=["resnet18", "resnet34", "resnet50", "resnet101"])
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--arch", default=ModelConfig.arch, choices=ARCHS)
+    parser.add_argument("--image-size", type=int, default=DataConfig.image_size)
+    parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     parser.add_argument(
         "--workers",
         type=int,
@@ -63,14 +64,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="default: bf16 autocast on a GPU that supports it, else fp32",
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (model rates only)")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available, else cpu")
 
 
 @dataclass
 class DataResult:
     set: str
     images: int
-    seed_images_per_s: float
+    pil_images_per_s: float
     cached_images_per_s: float
     ratio: float
     cache_build_s: float
@@ -89,7 +90,7 @@ class ModelResult:
 @dataclass
 class EndToEndResult:
     set: str
-    seed_images_per_s: float
+    pil_images_per_s: float
     cached_images_per_s: float
     ratio: float
 
@@ -116,9 +117,9 @@ def make_photos(folder: Path, count: int, size: tuple[int, int], seed: int) -> l
 
 def image_sets(args: argparse.Namespace, scratch: Path) -> dict[str, list[Sample]]:
     if args.data is not None:
-        files = sorted(p for p in Path(args.data).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        files = find_image_files(args.data)
         if not files:
-            raise FileNotFoundError(f"{args.data}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
+            raise DataError(f"{args.data}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
         return {Path(args.data).name: [Sample(str(p), i % 2, str(p)) for i, p in enumerate(files)]}
     counts = {"640x480": args.small, "3000x4000": args.large}
     return {
@@ -171,69 +172,84 @@ def loader_for(dataset, args: argparse.Namespace, device: torch.device) -> DataL
     )
 
 
-def seed_loader(samples: list[Sample], args: argparse.Namespace, device: torch.device) -> DataLoader:
-    return loader_for(ImageDataset(samples, train_transform(args.image_size), BACKGROUND), args, device)
+def pil_loader(samples: list[Sample], cfg: Config, args: argparse.Namespace, device: torch.device) -> DataLoader:
+    dataset = ImageDataset(samples, train_transform(cfg.data.image_size), cfg.data.alpha_background)
+    return loader_for(dataset, args, device)
 
 
 def cached_loader(
-    samples: list[Sample], args: argparse.Namespace, device: torch.device
+    samples: list[Sample], cfg: Config, args: argparse.Namespace, device: torch.device
 ) -> tuple[DataLoader, float, int]:
     started = time.perf_counter()
-    images, stats = decode_all([s.path for s in samples], working_size(args.image_size), BACKGROUND, args.workers)
+    size = working_size(cfg.data.image_size)
+    images, stats = decode_all([s.path for s in samples], size, cfg.data.alpha_background, args.workers)
     built = time.perf_counter() - started
-    dataset = CachedImages(images, [s.label for s in samples], TrainAugment(args.image_size))
+    dataset = CachedImages(images, [s.label for s in samples], TrainAugment(cfg.data.image_size))
     return loader_for(dataset, args, device), built, stats.decoded
 
 
-def data_rates(name: str, samples: list[Sample], args: argparse.Namespace, device: torch.device, sync) -> DataResult:
+def data_rates(
+    name: str, samples: list[Sample], cfg: Config, args: argparse.Namespace, device: torch.device, sync
+) -> DataResult:
     identity = torch.nn.Identity()
-    seed = rate(
-        (len(x) for x, _ in endless(seed_loader(samples, args, device), identity, device)),
+    pil = rate(
+        (len(x) for x, _ in endless(pil_loader(samples, cfg, args, device), identity, device)),
         sync,
         args.seconds,
         len(samples),
     )
-    loader, built, decoded = cached_loader(samples, args, device)
+    loader, built, decoded = cached_loader(samples, cfg, args, device)
     cached = rate(
         (len(x) for x, _ in endless(loader, loader.dataset.batch_transform, device)), sync, args.seconds, len(samples)
     )
-    return DataResult(name, len(samples), seed, cached, cached / seed, built, decoded)
+    return DataResult(name, len(samples), pil, cached, cached / pil, built, decoded)
+
+
+def bench_config(args: argparse.Namespace) -> Config:
+    """The training defaults, with the command line's architecture, image size, batch and compile
+    (random init: the rates do not depend on the weights)."""
+    return load_config(
+        None,
+        [
+            f"model.arch={args.arch}",
+            "model.weights=none",
+            f"data.image_size={args.image_size}",
+            f"train.batch_size={args.batch_size}",
+            f"train.compile={'true' if args.compile else 'false'}",
+        ],
+    )
 
 
 class Trainer:
-    """The engine's step (class-weighted cross-entropy, Adam on the engine's parameter groups)
-    on one device, without Accelerate: phase 1 has the whole backbone frozen, phase 2 layer4 too."""
+    """The trainer's own set-up and step on one device, under Accelerate as in training: the
+    backbone frozen (phase 1) until :meth:`unfreeze` makes ``unfreeze.layers`` trainable (phase 2)."""
 
-    def __init__(self, args: argparse.Namespace, device: torch.device):
-        model = build_model(ModelConfig(arch=args.arch, weights="none"), num_classes=2)
-        self.model = model.to(device, memory_format=torch.channels_last)  # as the engine's default
-        if args.compile:
-            self.model.compile()
-        groups = optimizer_param_groups(self.model, ["layer4"])
-        self.optimizer = torch.optim.Adam(groups, lr=1e-4, weight_decay=1e-4)
-        self.weights = torch.tensor([1.2, 0.8], device=device)
-        bf16 = args.precision == "bf16"
-        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    def __init__(self, cfg: Config, args: argparse.Namespace, device: torch.device, class_weights: torch.Tensor):
+        mixed_precision = "bf16" if args.precision == "bf16" else "no"
+        self.accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=mixed_precision)
+        self.cfg = cfg
+        model = build_model(cfg.model, num_classes=len(class_weights))
+        freeze_backbone(model)
+        apply_speed_settings(model, cfg.train)
+        self.model, self.optimizer = self.accelerator.prepare(model, build_optimizer(model, cfg))
+        self.class_weights = class_weights.to(self.accelerator.device)
 
     def forward_only(self, images: torch.Tensor) -> None:
         self.model.eval()
-        with torch.no_grad(), self.autocast:
+        with torch.no_grad():
             self.model(images)
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        set_train_mode(self.model)
-        with self.autocast:
-            loss = F.cross_entropy(self.model(images), labels, weight=self.weights)
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        set_train_mode(self.accelerator.unwrap_model(self.model))
+        training_step(self.model, self.optimizer, images, labels, self.class_weights, self.accelerator.backward)
 
     def unfreeze(self) -> None:
-        unfreeze(self.model, ["layer4"])
+        self.model = unfreeze_stages(self.accelerator, self.model, self.cfg)
 
 
 def model_rates(trainer: Trainer, args: argparse.Namespace, device: torch.device, sync) -> ModelResult:
-    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+    size = trainer.cfg.data.image_size
+    images = torch.randn(args.batch_size, 3, size, size, device=device)
     images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, 2, (args.batch_size,), device=device)
 
@@ -255,12 +271,18 @@ def model_rates(trainer: Trainer, args: argparse.Namespace, device: torch.device
 
 
 def end_to_end(
-    name: str, samples: list[Sample], args: argparse.Namespace, device: torch.device, sync
+    name: str,
+    samples: list[Sample],
+    cfg: Config,
+    args: argparse.Namespace,
+    device: torch.device,
+    class_weights: torch.Tensor,
+    sync,
 ) -> EndToEndResult:
     """Phase-1 training steps fed by each pipeline (a fresh model each, same settings)."""
 
     def run(loader: DataLoader, finish: Callable) -> float:
-        trainer = Trainer(args, device)
+        trainer = Trainer(cfg, args, device, class_weights)
 
         def steps() -> Iterator[int]:
             for images, labels in endless(loader, finish, device):
@@ -269,10 +291,10 @@ def end_to_end(
 
         return rate(steps(), sync, steps=args.e2e_steps, warmup=2)
 
-    seed = run(seed_loader(samples, args, device), torch.nn.Identity())
-    loader, _, _ = cached_loader(samples, args, device)
+    pil = run(pil_loader(samples, cfg, args, device), torch.nn.Identity())
+    loader, _, _ = cached_loader(samples, cfg, args, device)
     cached = run(loader, loader.dataset.batch_transform)
-    return EndToEndResult(name, seed, cached, cached / seed)
+    return EndToEndResult(name, pil, cached, cached / pil)
 
 
 # --------------------------------------------------------------------------- reporting
@@ -294,21 +316,23 @@ def machine(device: torch.device) -> dict:
 
 
 def table(results: dict) -> str:
+    """The results as the text table ``anemia-dist bench`` prints."""
     c = results["config"]
     lines = [
         f"machine: {results['machine']}",
         f"data path: {c['image_size']} px, batch {c['batch_size']}, {c['workers']} loader worker(s), "
         f"{c['data_threads']} torch thread(s), same augmentation (images/s, steady state)",
-        f"  {'set':<12}{'images':>7}{'seed-style':>12}{'cached':>10}{'ratio':>9}   cache build",
+        f"  {'set':<12}{'images':>7}{'PIL':>12}{'cached':>10}{'ratio':>9}   cache build",
     ]
     for r in results["data"]:
         lines.append(
-            f"  {r['set']:<12}{r['images']:>7}{r['seed_images_per_s']:>12.1f}{r['cached_images_per_s']:>10.1f}"
+            f"  {r['set']:<12}{r['images']:>7}{r['pil_images_per_s']:>12.1f}{r['cached_images_per_s']:>10.1f}"
             f"{r['ratio']:>8.1f}x   {r['cache_build_s']:.2f} s ({r['decoded']} decoded, once)"
         )
     m = results["model"]
     lines += [
-        f"model: {c['arch']}, {c['precision']}, batch {c['batch_size']}, channels_last, compile={c['compile']} (images/s)",
+        f"model: {c['arch']}, {c['precision']}, batch {c['batch_size']}, channels_last, "
+        f"compile={c['compile']} (images/s)",
         f"  forward only     {m['forward_images_per_s']:>9.1f}",
         f"  phase 1 train    {m['phase1_images_per_s']:>9.1f}   {m['phase1_vs_forward']:.0%} of forward-only",
         f"  phase 2 train    {m['phase2_images_per_s']:>9.1f}   {m['phase2_vs_phase1']:.2f}x phase 1",
@@ -317,19 +341,21 @@ def table(results: dict) -> str:
         lines.append("end-to-end phase-1 training (images/s)")
         for r in results["end_to_end"]:
             lines.append(
-                f"  {r['set']:<12}seed-style {r['seed_images_per_s']:>8.1f}   cached {r['cached_images_per_s']:>8.1f}"
+                f"  {r['set']:<12}PIL {r['pil_images_per_s']:>8.1f}   cached {r['cached_images_per_s']:>8.1f}"
                 f"   {r['ratio']:.1f}x"
             )
     return "\n".join(lines)
 
 
 def run_bench(args: argparse.Namespace) -> dict:
+    """Every measurement, as the JSON-ready dict ``anemia-dist bench`` writes."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.workers is None:
         args.workers = 8 if device.type == "cuda" else 0
     if args.precision is None:
         args.precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    cfg = bench_config(args)
     threads = torch.get_num_threads()
     # On the CPU both pipelines get the same cores: the loader workers, or this one process.
     data_threads = max(1, args.workers) if device.type == "cpu" else threads
@@ -337,20 +363,14 @@ def run_bench(args: argparse.Namespace) -> dict:
     results: dict = {"machine": machine(device), "config": config, "data": [], "model": None, "end_to_end": []}
     with tempfile.TemporaryDirectory(prefix="anemia-bench-") as scratch:
         sets = image_sets(args, Path(scratch))
+        class_weights = balanced_class_weights([s for samples in sets.values() for s in samples], num_classes=2)
         torch.set_num_threads(data_threads)
         for name, samples in sets.items():
-            results["data"].append(asdict(data_rates(name, samples, args, device, sync)))
+            results["data"].append(asdict(data_rates(name, samples, cfg, args, device, sync)))
         torch.set_num_threads(threads)
-        results["model"] = asdict(model_rates(Trainer(args, device), args, device, sync))
+        results["model"] = asdict(model_rates(Trainer(cfg, args, device, class_weights), args, device, sync))
         if args.e2e_steps > 0:
             for name, samples in sets.items():
-                results["end_to_end"].append(asdict(end_to_end(name, samples, args, device, sync)))
+                result = end_to_end(name, samples, cfg, args, device, class_weights, sync)
+                results["end_to_end"].append(asdict(result))
     return results
-
-
-def main(args: argparse.Namespace) -> int:
-    results = run_bench(args)
-    print(table(results))
-    Path(args.output).write_text(json.dumps(results, indent=2))
-    print(f"results written to {args.output}")
-    return 0

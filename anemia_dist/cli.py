@@ -11,12 +11,11 @@ import sys
 from pathlib import Path
 
 from .bench import add_arguments as add_bench_arguments
-from .config import ConfigError, load_config
-from .data import DataError
-from .model import WeightsError
+from .config import ARCHS, load_config
+from .console import configure_logging
+from .errors import USER_ERRORS
 from .preemption import PREEMPTED_EXIT_CODE, Preempted
-
-USER_ERRORS = (ConfigError, DataError, WeightsError, FileNotFoundError)
+from .run_dir import AUDIT_JSON, BEST, CURVES, METRICS, REPORT, REPORT_PAGE, SUMMARY
 
 
 def _is_main_rank() -> bool:
@@ -24,7 +23,7 @@ def _is_main_rank() -> bool:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .engine import train
+    from .trainer import train
 
     cfg = load_config(args.config, args.overrides)
     try:
@@ -51,10 +50,10 @@ def launch_command(num_processes: int, program: list[str], port: int | None = No
 def cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
-    from .demo import make_synthetic_dataset
+    from .demo import MANIFEST, make_synthetic_dataset
 
     output = Path(args.output_dir)
-    manifest = output / "demo-data" / "manifest.csv"
+    manifest = output / "demo-data" / MANIFEST
     if not manifest.is_file():
         print(f"generating the synthetic dataset in {manifest.parent}")
         make_synthetic_dataset(manifest.parent)
@@ -73,18 +72,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"running: {'ACCELERATE_USE_CPU=true ' if not use_gpu else ''}{shown}", flush=True)
     result = subprocess.run(command, env=env)
     if result.returncode == 0:
-        summary = json.loads((run_dir / "summary.json").read_text())
+        summary = json.loads((run_dir / SUMMARY).read_text())
         print(
             f"\ndemo finished: best epoch {summary['best_epoch']} of {summary['epochs_run']} "
             f"(val loss {summary['best_val_loss']:.4f}, val acc {summary['best_val_acc']:.3f}), "
             f"stop: {summary['stop_reason']}, {summary['world_size']} process(es).\n"
-            f"run directory: {run_dir} (metrics.jsonl, curves.png, best/, summary.json, report/report.html)"
+            f"run directory: {run_dir} ({METRICS}, {CURVES}, {BEST}/, {SUMMARY}, {REPORT}/{REPORT_PAGE})"
         )
     return result.returncode
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .predict import evaluate
+    from .inference import evaluate
 
     record = evaluate(args.checkpoint, args.data, args.overrides, args.batch_size, args.out, args.report, args.split)
     if record is not None:
@@ -93,7 +92,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .predict import predict, write_predictions
+    from .inference import predict, write_predictions
 
     rows = predict(args.checkpoint, args.inputs, args.batch_size, args.num_workers)
     if args.out:
@@ -109,24 +108,28 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_data(args: argparse.Namespace) -> int:
-    from .data import audit_data, bad_files_message
+    from .audit import audit_data
 
     cfg = load_config(args.config, args.overrides)
     _, _, report = audit_data(cfg.data)
     out = Path(args.out or Path(cfg.run.output_dir) / "audit")
     path = report.write(out)
     print(report.summary_text())
-    print(f"report: {path} (every finding, with paths) and {out / 'audit.json'} (counts)")
+    print(f"report: {path} (every finding, with paths) and {out / AUDIT_JSON} (counts)")
     if report.bad and cfg.data.bad_files == "error":
-        print(f"anemia-dist audit-data: {bad_files_message(report)}", file=sys.stderr)
+        print(f"anemia-dist audit-data: {report.bad_files_message()}", file=sys.stderr)
         return 1
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import main as bench_main
+    from .bench import run_bench, table
 
-    return bench_main(args)
+    results = run_bench(args)
+    print(table(results))
+    Path(args.output).write_text(json.dumps(results, indent=2))
+    print(f"results written to {args.output}")
+    return 0
 
 
 def cmd_fetch_weights(args: argparse.Namespace) -> int:
@@ -162,10 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     audit.set_defaults(func=cmd_audit_data)
 
     fetch = sub.add_parser("fetch-weights", help="download ImageNet weights into the torch hub cache")
-    fetch.add_argument("--arch", default="resnet50", choices=["resnet18", "resnet34", "resnet50", "resnet101"])
+    fetch.add_argument("--arch", default="resnet50", choices=ARCHS)
     fetch.set_defaults(func=cmd_fetch_weights)
 
-    bench = sub.add_parser("bench", help="input-pipeline and training throughput, seed-style vs this package (JSON)")
+    bench = sub.add_parser("bench", help="input-pipeline and training throughput, PIL vs cached pipeline (JSON)")
     add_bench_arguments(bench)
     bench.set_defaults(func=cmd_bench)
 
@@ -206,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    configure_logging()
     try:
         return args.func(args)
     except USER_ERRORS as error:

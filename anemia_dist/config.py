@@ -1,7 +1,8 @@
 """Typed configuration: the dataclasses below hold every default (the methodology).
 
 YAML files and ``key=value`` overrides only change these values. Every problem is reported as a
-:class:`ConfigError` naming the dotted key, before any work starts.
+:class:`~anemia_dist.errors.ConfigError` naming the dotted key, before any work starts. The
+allowed architectures and backbone stages live here too, for the CLI and the model to share.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import difflib
 import re
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -18,9 +20,14 @@ from typing import Any, Literal
 
 import yaml
 
+from .errors import ConfigError
 
-class ConfigError(ValueError):
-    """A config value that cannot be used; the message names the key and what to do."""
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
+"""torchvision ResNets with a 2048- or 512-feature ``fc`` the head replaces."""
+BACKBONE_STAGES = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")
+"""The ResNet stages, input to output: what ``unfreeze.layers`` may name."""
+RENAMED_KEYS = {"unfreeze.epoch": "unfreeze.head_only_epochs"}
+"""Old dotted key -> new: the old one is still read, with a warning."""
 
 
 def _check(condition: bool, key: str, message: str) -> None:
@@ -140,7 +147,7 @@ class DataConfig:
         self._check_label_source()
         if self.folds is not None:
             _check(self.folds >= 2, "data.folds", f"must be at least 2, got {self.folds}")
-        folds = self.folds or max(2, round(1.0 / self.val_fraction))
+        folds = self.fold_count
         _check(0 <= self.fold < folds, "data.fold", f"must be in 0..{folds - 1} (data.folds={folds}), got {self.fold}")
         _check(self.min_size >= 1, "data.min_size", f"must be >= 1, got {self.min_size}")
         if self.near_duplicate_distance is not None:
@@ -174,15 +181,17 @@ class DataConfig:
             for j, condition in enumerate(rule.when):
                 parse_condition(condition, f"data.threshold_rules[{i}].when[{j}]")
 
+    @property
+    def fold_count(self) -> int:
+        """data.folds, or as many folds as make each validation fold about data.val_fraction."""
+        return self.folds or max(2, round(1.0 / self.val_fraction))
+
     def require_source(self) -> None:
         _check(
             self.root is not None or self.manifest is not None,
             "data.root",
             "no training data: set data.root=FOLDER (one sub-folder per class) or data.manifest=FILE.csv",
         )
-
-
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
 
 
 @dataclass
@@ -238,17 +247,17 @@ class SchedulerConfig:
 class UnfreezeConfig:
     """When backbone stages join the training."""
 
-    epoch: int = 5
-    """Head-only epochs: the listed layers train from epoch ``epoch + 1`` on."""
+    head_only_epochs: int = 5
+    """Epochs that train the head alone: the listed layers train from epoch ``head_only_epochs + 1``
+    on (formerly ``unfreeze.epoch``, still read with a warning)."""
     layers: list[str] = field(default_factory=lambda: ["layer4"])
     plateau_patience: int | None = None
     """Unfreeze early when the validation loss has not improved for this many head-only epochs."""
 
     def __post_init__(self) -> None:
-        _check(self.epoch >= 0, "unfreeze.epoch", f"must be >= 0, got {self.epoch}")
-        allowed = {"conv1", "bn1", "layer1", "layer2", "layer3", "layer4"}
-        unknown = [name for name in self.layers if name not in allowed]
-        _check(not unknown, "unfreeze.layers", f"unknown stage(s) {unknown}; choose from {sorted(allowed)}")
+        _check(self.head_only_epochs >= 0, "unfreeze.head_only_epochs", f"must be >= 0, got {self.head_only_epochs}")
+        unknown = [name for name in self.layers if name not in BACKBONE_STAGES]
+        _check(not unknown, "unfreeze.layers", f"unknown stage(s) {unknown}; choose from {sorted(BACKBONE_STAGES)}")
         if self.plateau_patience is not None:
             _check(self.plateau_patience >= 1, "unfreeze.plateau_patience", "must be >= 1 or null")
 
@@ -488,6 +497,23 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def _rename_old_keys(tree: dict[str, Any]) -> None:
+    """Move each old key of :data:`RENAMED_KEYS` to its new name, with a warning; both at once is an error."""
+    for old, new in RENAMED_KEYS.items():
+        (section, old_name), new_name = old.split("."), new.split(".")[1]
+        values = tree.get(section)
+        if not isinstance(values, dict) or old_name not in values:
+            continue
+        _check(new_name not in values, old, f"is the old name of {new}; set only {new}")
+        warnings.warn(
+            f"{old} is now called {new} (same meaning: the epochs that train the head alone); "
+            f"the old name still works but will go, so write {new}={values[old_name]}",
+            FutureWarning,
+            stacklevel=3,
+        )
+        values[new_name] = values.pop(old_name)
+
+
 def packaged_config(name: str) -> Path:
     return Path(str(resources.files("anemia_dist") / "configs" / f"{name}.yaml"))
 
@@ -519,4 +545,5 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     for override in overrides:
         key, value = parse_override(override)
         _set_dotted(tree, key, value)
+    _rename_old_keys(tree)
     return _build(Config, tree, "")

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 CLASSES = ("anemic", "non-anemic")
+MANIFEST = "manifest.csv"
 HB_THRESHOLD = 11.0
 PALE = np.array([236.0, 170.0, 165.0])
 RED = np.array([172.0, 38.0, 48.0])
@@ -60,7 +61,7 @@ def make_synthetic_dataset(
             name = f"images/p{patient:03d}_{shot}.png"
             Image.fromarray(_crescent_image(rng, hb, size), mode="RGBA").save(out / name)
             rows.append({"path": name, "label": label, "group": f"patient{patient:03d}", "hb": f"{hb:.2f}"})
-    manifest = out / "manifest.csv"
+    manifest = out / MANIFEST
     with manifest.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()

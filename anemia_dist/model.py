@@ -8,13 +8,8 @@ import torch
 import torchvision
 from torch import nn
 
-from .config import ModelConfig
-
-BACKBONE_STAGES = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")
-
-
-class WeightsError(RuntimeError):
-    """Pretrained weights that cannot be found or do not fit; the message says what to do."""
+from .config import BACKBONE_STAGES, ModelConfig
+from .errors import WeightsError
 
 
 def imagenet_weights(arch: str) -> torchvision.models.WeightsEnum:
@@ -69,14 +64,14 @@ def build_head(in_features: int, hidden: int, dropout: float, num_classes: int) 
 
 
 def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
-    """torchvision ResNet with the methodology's head; the whole backbone frozen."""
+    """torchvision ResNet with the methodology's head, every parameter trainable: training
+    freezes the backbone itself (:func:`freeze_backbone`), where the loop shows it."""
     model = torchvision.models.get_model(cfg.arch, weights=None)
     if cfg.weights == "imagenet":
         _load_imagenet(model, cfg.arch)
     model.fc = build_head(model.fc.in_features, cfg.hidden, cfg.dropout, num_classes)
     if cfg.weights not in ("imagenet", "none"):
         load_weights_file(model, Path(cfg.weights))
-    freeze_backbone(model)
     return model
 
 
@@ -100,11 +95,13 @@ def load_weights_file(model: nn.Module, path: Path) -> None:
 
 
 def freeze_backbone(model: nn.Module) -> None:
+    """Only the head (``fc``) trains; the pretrained backbone keeps its weights."""
     for name, parameter in model.named_parameters():
         parameter.requires_grad = name.startswith("fc.")
 
 
 def unfreeze(model: nn.Module, stages: list[str]) -> None:
+    """The named backbone stages train from now on (under DDP the wrapper must be rebuilt too)."""
     for stage in stages:
         for parameter in getattr(model, stage).parameters():
             parameter.requires_grad = True

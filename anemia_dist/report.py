@@ -1,4 +1,5 @@
-"""The evaluation report: PNG figures and one self-contained HTML page showing them with the metrics.
+"""The evaluation report: one self-contained HTML page with the facts, the metrics table, the notes
+a reader needs, and every figure (:mod:`anemia_dist.figures`).
 
 The page embeds every figure (base64), so it can be mailed or archived on its own; each figure
 also links to its PNG file next to the page.
@@ -13,20 +14,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from sklearn.calibration import calibration_curve
-from sklearn.metrics import precision_recall_curve, roc_curve
+from .figures import plot_confusion, plot_curves, plot_precision_recall, plot_reliability, plot_roc
+from .metrics import ECE_BINS, Evaluation, OperatingPoint, summarize
+from .run_dir import CONFUSION, CURVES, PRECISION_RECALL, RELIABILITY, REPORT_PAGE, ROC, VALIDATION
 
-from .evaluation import ECE_BINS, Evaluation, OperatingPoint, Predictions, summarize
-from .reporting import plot_curves
-
-REPORT_FILE = "report.html"
 FIGURES = {
-    "curves.png": "Training: loss, accuracy, validation screening metrics and learning rate per epoch",
-    "roc.png": "ROC curve with the operating point",
-    "precision_recall.png": "Precision-recall curve with the operating point",
-    "confusion.png": "Confusion matrix at the operating threshold",
-    "reliability.png": "Reliability diagram: predicted probability against observed frequency",
+    CURVES: "Training: loss, accuracy, validation screening metrics and learning rate per epoch",
+    ROC: "ROC curve with the operating point",
+    PRECISION_RECALL: "Precision-recall curve with the operating point",
+    CONFUSION: "Confusion matrix at the operating threshold",
+    RELIABILITY: "Reliability diagram: predicted probability against observed frequency",
 }
 METRIC_LABELS = {
     "auroc": "AUROC",
@@ -42,168 +39,6 @@ METRIC_LABELS = {
     "ece": f"ECE ({ECE_BINS} bins)",
     "loss": "Loss (cross-entropy)",
 }
-OPERATING_COLOUR = "tab:red"
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _with_ci(result: dict[str, Any], name: str) -> str:
-    value, ci = result[name], result["ci"][name]
-    if value is None:
-        return "undefined"
-    if ci["low"] is None:
-        return f"{value:.3f}"
-    return f"{value:.3f} (95% CI {ci['low']:.3f}-{ci['high']:.3f})"
-
-
-def _operating_label(result: dict[str, Any]) -> str:
-    return f"threshold {result['threshold']:.3f} ({result['threshold_rule']})"
-
-
-def _mark_operating_point(axis, x: float, y: float, result: dict[str, Any], values: str) -> None:
-    """The saved threshold's point on a curve, labelled with the rule that chose it."""
-    axis.plot(x, y, "o", color=OPERATING_COLOUR, markersize=10, label=f"{_operating_label(result)}:\n{values}")
-
-
-def plot_roc(pred: Predictions, result: dict[str, Any], path: Path) -> None:
-    plt = _pyplot()
-    figure, axis = plt.subplots(figsize=(5.6, 5.4), constrained_layout=True)
-    if pred.truth.any() and not pred.truth.all():
-        fpr, tpr, _ = roc_curve(pred.truth, pred.score)
-        axis.plot(fpr, tpr, color="tab:blue", linewidth=2, label=f"model, AUROC {_with_ci(result, 'auroc')}")
-    axis.plot([0, 1], [0, 1], linestyle="--", color="grey", label="chance (AUROC 0.5)")
-    if result["sensitivity"] is not None and result["specificity"] is not None:
-        _mark_operating_point(
-            axis,
-            1 - result["specificity"],
-            result["sensitivity"],
-            result,
-            f"sensitivity {result['sensitivity']:.2f}, specificity {result['specificity']:.2f}",
-        )
-    axis.set(
-        xlim=(0, 1),
-        ylim=(0, 1.01),
-        xlabel="1 - specificity (false positive rate)",
-        ylabel="sensitivity (true positive rate)",
-        title=f"ROC: {result['positive_class']} vs {result['negative_class']} (n={result['n']})",
-    )
-    _save_unit_square(plt, figure, axis, path, legend_loc="lower right")
-
-
-def _save_unit_square(plt, figure, axis, path: Path, legend_loc: str) -> None:
-    """ROC and precision-recall panels share one look: square, gridded, legend in a free corner."""
-    axis.set_aspect("equal")
-    axis.grid(alpha=0.3)
-    axis.legend(loc=legend_loc, fontsize=8)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-
-
-def plot_precision_recall(pred: Predictions, result: dict[str, Any], path: Path) -> None:
-    plt = _pyplot()
-    figure, axis = plt.subplots(figsize=(5.6, 5.4), constrained_layout=True)
-    prevalence = float(pred.truth.mean()) if len(pred) else 0.0
-    if pred.truth.any():
-        precision, recall, _ = precision_recall_curve(pred.truth, pred.score)
-        axis.step(
-            recall,
-            precision,
-            where="post",
-            color="tab:blue",
-            linewidth=2,
-            label=f"model, AUPRC {_with_ci(result, 'auprc')}",
-        )
-    axis.axhline(prevalence, linestyle="--", color="grey", label=f"chance (prevalence {prevalence:.2f})")
-    if result["sensitivity"] is not None and result["ppv"] is not None:
-        _mark_operating_point(
-            axis,
-            result["sensitivity"],
-            result["ppv"],
-            result,
-            f"sensitivity {result['sensitivity']:.2f}, PPV {result['ppv']:.2f}",
-        )
-    axis.set(
-        xlim=(0, 1),
-        ylim=(0, 1.01),
-        xlabel="recall (sensitivity)",
-        ylabel="precision (PPV)",
-        title=f"Precision-recall: {result['positive_class']} (n={result['n']})",
-    )
-    _save_unit_square(plt, figure, axis, path, legend_loc="lower left")
-
-
-def plot_confusion(result: dict[str, Any], path: Path) -> None:
-    """Counts with the share of each true class; rows are the truth, positive class first."""
-    plt = _pyplot()
-    cm = result["confusion_matrix"]
-    counts = np.array([[cm["true_positive"], cm["false_negative"]], [cm["false_positive"], cm["true_negative"]]])
-    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    names = [result["positive_class"], result["negative_class"]]
-    figure, axis = plt.subplots(figsize=(5.6, 4.8), constrained_layout=True)
-    axis.imshow(shares, cmap="Blues", vmin=0, vmax=1)
-    cells = (("true positive", "false negative"), ("false positive", "true negative"))
-    for row in range(2):
-        for col in range(2):
-            axis.text(
-                col,
-                row,
-                f"{counts[row, col]}\n{shares[row, col]:.0%} of row\n{cells[row][col]}",
-                ha="center",
-                va="center",
-                fontsize=11,
-                color="white" if shares[row, col] > 0.6 else "black",
-            )
-    axis.set_xticks([0, 1], [f"predicted\n{n}" for n in names])
-    axis.set_yticks([0, 1], [f"true {n}\n(n={counts[i].sum()})" for i, n in enumerate(names)])
-    axis.set_title(f"Confusion matrix at {_operating_label(result)}", fontsize=10)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-
-
-def plot_reliability(
-    pred: Predictions, result: dict[str, Any], path: Path, uncalibrated: Predictions | None
-) -> None:
-    """Observed frequency of the positive class per predicted-probability bin, with the bins' sizes."""
-    plt = _pyplot()
-    figure, (top, bottom) = plt.subplots(
-        2, 1, figsize=(5.6, 6.2), sharex=True, gridspec_kw={"height_ratios": [3, 1]}, constrained_layout=True
-    )
-    top.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
-    curves = [(pred, "model", "tab:blue", result["ece"])]
-    if uncalibrated is not None:
-        curves = [(uncalibrated, "before temperature scaling", "tab:orange", result.get("ece_uncalibrated"))] + [
-            (pred, f"after (T={result['temperature']:.2f})", "tab:blue", result["ece"])
-        ]
-    for predictions, name, colour, ece in curves:
-        observed, predicted = calibration_curve(predictions.truth, predictions.score, n_bins=ECE_BINS, pos_label=True)
-        top.plot(predicted, observed, "o-", color=colour, label=f"{name}, ECE {ece:.3f}")
-    top.set(
-        ylim=(0, 1),
-        ylabel=f"observed fraction {result['positive_class']}",
-        title=f"Reliability ({ECE_BINS} equal-width bins)",
-    )
-    top.grid(alpha=0.3)
-    top.legend(loc="upper left", fontsize=8)
-    edges = np.linspace(0, 1, ECE_BINS + 1)
-    bottom.hist(
-        [pred.score[pred.truth], pred.score[~pred.truth]],
-        bins=edges,
-        stacked=True,
-        color=["tab:red", "tab:grey"],
-        label=[result["positive_class"], result["negative_class"]],
-    )
-    bottom.axvline(result["threshold"], color="black", linestyle=":", label="threshold")
-    bottom.set(xlim=(0, 1), xlabel=f"predicted probability of {result['positive_class']}", ylabel="images")
-    bottom.legend(fontsize=8, ncol=3, loc="lower left", bbox_to_anchor=(0, 1), frameon=False)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
 
 
 def _metrics_table(result: dict[str, Any]) -> str:
@@ -254,7 +89,7 @@ def write_html(
         f"(rule: {html.escape(result['threshold_rule'])})",
         f"temperature: {result['temperature']:.3f}",
     ]
-    wide = [name for name in figures if name == "curves.png"]
+    wide = [name for name in figures if name == CURVES]
     small = [name for name in figures if name not in wide]
     body = [
         f"<h1>{html.escape(title)}</h1>",
@@ -268,7 +103,7 @@ def write_html(
         f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
         f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>\n"
     )
-    path = directory / REPORT_FILE
+    path = directory / REPORT_PAGE
     path.write_text(page)
     return path
 
@@ -303,13 +138,13 @@ def write_report(
     directory.mkdir(parents=True, exist_ok=True)
     figures = []
     if rows:
-        plot_curves(rows, directory / "curves.png")
-        figures.append("curves.png")
-    plot_roc(pred, result, directory / "roc.png")
-    plot_precision_recall(pred, result, directory / "precision_recall.png")
-    plot_confusion(result, directory / "confusion.png")
-    plot_reliability(pred, result, directory / "reliability.png", evaluation.uncalibrated)
-    figures += ["roc.png", "precision_recall.png", "confusion.png", "reliability.png"]
+        plot_curves(rows, directory / CURVES)
+        figures.append(CURVES)
+    plot_roc(pred, result, directory / ROC)
+    plot_precision_recall(pred, result, directory / PRECISION_RECALL)
+    plot_confusion(result, directory / CONFUSION)
+    plot_reliability(pred, result, directory / RELIABILITY, evaluation.uncalibrated)
+    figures += [ROC, PRECISION_RECALL, CONFUSION, RELIABILITY]
     return write_html(directory, title, result, [*notes, *standard_notes(result)], figures)
 
 
@@ -334,5 +169,5 @@ def write_validation_report(
     ]
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "validation.json").write_text(json.dumps(evaluation.result, indent=2) + "\n")
+    (directory / VALIDATION).write_text(json.dumps(evaluation.result, indent=2) + "\n")
     return write_report(directory, f"Validation report, best epoch {epoch}", evaluation, notes, rows)

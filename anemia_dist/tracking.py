@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 import urllib.parse
 import urllib.request
 from typing import Any
 
 from accelerate import Accelerator
+from accelerate.logging import get_logger
 
 from .config import Config, TrackingConfig
 from .distributed import broadcast_from_main
-from .reporting import unfreeze_epochs
+from .run_dir import unfreeze_epochs
+
+logger = get_logger(__name__)
 
 WANDB = "wandb"
 INIT_TIMEOUT_S = 60.0
@@ -99,21 +101,19 @@ def _start_main(accelerator: Accelerator, cfg: Config, run_id: str | None) -> st
             problem = str(error).splitlines()[0].rstrip(".")
     if problem is not None:
         directory = os.environ.get("WANDB_DIR") or os.path.join(cfg.run.output_dir, cfg.run.name)
-        print(
+        logger.warning(
             f"anemia-dist: W&B online logging unavailable: {problem}. Logging offline instead; upload "
-            f"later with `wandb sync {os.path.join(directory, 'wandb', 'offline-run-*')}`.",
-            file=sys.stderr,
-            flush=True,
+            f"later with `wandb sync {os.path.join(directory, 'wandb', 'offline-run-*')}`."
         )
         init("offline")
     return accelerator.get_tracker(WANDB, unwrap=True).id
 
 
-def epoch_metrics(row: dict[str, Any]) -> dict[str, float]:
+def logged_values(row: dict[str, Any]) -> dict[str, float]:
     """One metrics.jsonl row as W&B values: its numbers, the lr of each parameter group, and the
     number of trainable backbone stages (it steps up at the unfreeze epoch)."""
     values = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    values.update({f"lr/{name}": lr for name, lr in zip(row["lr_groups"], row["lr"])})
+    values.update({f"lr/{name}": lr for name, lr in zip(row["lr_groups"], row["lr"], strict=True)})
     values["trainable_stages"] = len(row["unfrozen"])
     return values
 

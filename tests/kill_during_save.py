@@ -14,7 +14,7 @@ import accelerate.checkpointing
 from accelerate import Accelerator
 
 from anemia_dist.config import load_config
-from anemia_dist.engine import train
+from anemia_dist.trainer import train
 
 
 def main() -> None:

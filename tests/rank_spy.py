@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-import anemia_dist.engine as engine
+import anemia_dist.trainer as trainer
 from anemia_dist.config import load_config
 
 WRITE_EVENTS = {"os.rename", "os.replace", "os.mkdir", "os.remove", "os.rmdir", "shutil.rmtree"}
@@ -43,7 +43,7 @@ def main() -> None:
     sys.addaudithook(audit)
 
     epochs: list[dict] = []
-    real_validate = engine.validate
+    real_validate = trainer.validate
 
     def spying_validate(accelerator, model, loader, class_weights):
         result = real_validate(accelerator, model, loader, class_weights)
@@ -52,11 +52,11 @@ def main() -> None:
         epochs.append({"val_loss": result.loss, "layer4": digest})
         return result
 
-    engine.validate = spying_validate
+    trainer.validate = spying_validate
     if "--no-rewrap" in flags:  # negative control: show the test catches unsynchronised layers
-        engine.rewrap_after_unfreeze = lambda accelerator, model: model
+        trainer.rewrap_after_unfreeze = lambda accelerator, model: model
 
-    summary = engine.train(cfg)
+    summary = trainer.train(cfg)
     report = {"rank": rank, "epochs": epochs, "summary": summary, "writes": writes}
     (out / f"rank{rank}.json").write_text(json.dumps(report))
 

@@ -126,7 +126,7 @@ def test_multi_node_config_joins_one_launcher_per_node_into_one_group(tmp_path):
             if node.poll() is None:
                 node.kill()
     seen = []
-    for node, output in zip(nodes, outputs):
+    for node, output in zip(nodes, outputs, strict=True):
         assert node.returncode == 0, output[-4000:]
         seen += probes(output)
     assert sorted(p["rank"] for p in seen) == [0, 1]

@@ -12,10 +12,9 @@ import numpy as np
 from conftest import make_image_folder
 from PIL import Image
 
-from anemia_dist.audit import AuditReport, near_pairs
+from anemia_dist.audit import AuditReport, audit_data, near_pairs
 from anemia_dist.cli import main
 from anemia_dist.config import DataConfig
-from anemia_dist.data import audit_data
 
 BAD = {
     "empty.png": "empty",

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from anemia_dist.audit import audit_data
 from anemia_dist.config import load_config
-from anemia_dist.data import audit_data, build_split
+from anemia_dist.splits import build_split
 
 
 def cp_config(cp_anemic: Path, *overrides: str):

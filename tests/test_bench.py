@@ -20,7 +20,7 @@ from anemia_dist.bench import make_photos
 from anemia_dist.bench import run_bench as run_bench_in_process
 from anemia_dist.cli import build_parser
 from anemia_dist.config import ModelConfig
-from anemia_dist.model import build_model, optimizer_param_groups, set_train_mode, unfreeze
+from anemia_dist.model import build_model, freeze_backbone, optimizer_param_groups, set_train_mode, unfreeze
 
 TINY_BENCH = [
     "--arch",
@@ -64,15 +64,15 @@ def test_bench_compares_both_pipelines_and_both_phases_in_one_run(tmp_path):
     assert [r["set"] for r in results["data"]] == ["640x480", "3000x4000"]
     assert [r["images"] for r in results["data"]] == [6, 1]
     for row in results["data"]:
-        assert row["seed_images_per_s"] > 0 and row["cached_images_per_s"] > 0
-        assert row["ratio"] == row["cached_images_per_s"] / row["seed_images_per_s"]
+        assert row["pil_images_per_s"] > 0 and row["cached_images_per_s"] > 0
+        assert row["ratio"] == row["cached_images_per_s"] / row["pil_images_per_s"]
         assert row["decoded"] == row["images"], "the cache decodes each image once"
     model = results["model"]
     assert model["phase1_vs_forward"] == model["phase1_images_per_s"] / model["forward_images_per_s"]
     assert model["phase2_vs_phase1"] == model["phase2_images_per_s"] / model["phase1_images_per_s"]
     assert [r["set"] for r in results["end_to_end"]] == ["640x480", "3000x4000"]
     assert results["config"]["workers"] == 0 and results["machine"]["device"] == "cpu"
-    for words in ("seed-style", "cached", "forward only", "phase 1 train", "phase 2 train", "end-to-end"):
+    for words in ("PIL", "cached", "forward only", "phase 1 train", "phase 2 train", "end-to-end"):
         assert words in stdout
 
 
@@ -96,6 +96,7 @@ def test_phase_one_builds_no_autograd_graph_through_the_frozen_backbone():
     # Frozen weights and an input without grad: autograd records nothing before the head, so the
     # backbone's activations are freed as it goes; after the unfreeze the graph starts at layer4.
     model = build_model(ModelConfig(arch="resnet18", weights="none", hidden=16), 2)
+    freeze_backbone(model)
     optimizer = torch.optim.Adam(optimizer_param_groups(model, ["layer4"]), lr=1e-3)
     seen: dict[str, bool] = {}
     for name in ("layer3", "layer4"):
@@ -113,6 +114,7 @@ def test_compiled_model_trains_layer4_after_the_unfreeze():
     # train.compile compiles in place; the unfreeze must reach the compiled graph (a guard on
     # requires_grad recompiles it). aot_eager traces like inductor without generating C++.
     model = build_model(ModelConfig(arch="resnet18", weights="none", hidden=16), 2)
+    freeze_backbone(model)
     model.compile(backend="aot_eager")
     optimizer = torch.optim.Adam(optimizer_param_groups(model, ["layer4"]), lr=1e-3)
     layer4 = model.layer4[0].conv1.weight
@@ -130,10 +132,10 @@ COMPILE_SPY = textwrap.dedent("""
     import torch
     compile_in_place = torch.nn.Module.compile
     torch.nn.Module.compile = lambda self, **kwargs: compile_in_place(self, backend="aot_eager")
-    import anemia_dist.engine as engine
+    import anemia_dist.trainer as trainer
     from anemia_dist.config import load_config
 
-    hashes, validate = [], engine.validate
+    hashes, validate = [], trainer.validate
 
     def spy(accelerator, model, loader, class_weights):
         result = validate(accelerator, model, loader, class_weights)
@@ -141,8 +143,8 @@ COMPILE_SPY = textwrap.dedent("""
         hashes.append(hashlib.sha256(b"".join(t.detach().numpy().tobytes() for t in layer4)).hexdigest())
         return result
 
-    engine.validate = spy
-    engine.train(load_config(None, sys.argv[2:]))
+    trainer.validate = spy
+    trainer.train(load_config(None, sys.argv[2:]))
     with open(os.path.join(sys.argv[1], "rank" + os.environ["RANK"] + ".json"), "w") as handle:
         json.dump(hashes, handle)
 """)
@@ -162,7 +164,7 @@ def test_compiled_model_under_ddp_keeps_layer4_identical_on_both_ranks_after_the
                 f"data.root={data}",
                 f"run.output_dir={tmp_path / 'runs'}",
                 "train.epochs=3",
-                "unfreeze.epoch=1",
+                "unfreeze.head_only_epochs=1",
                 "train.compile=true",
             ]
         )
@@ -203,11 +205,11 @@ def test_training_steps_neither_wait_for_nor_copy_to_the_device(tmp_path, monkey
     # Per step the host only queues work: the loss is read back for the progress bar every 20
     # steps and the epoch's totals are uploaded once; the preemption flag is plain Python on one
     # process (under DDP an all-reduce over a CPU group).
-    from anemia_dist import engine, gpu_augment
+    from anemia_dist import batch_augment, trainer
     from anemia_dist.config import load_config
 
     traffic = []
-    real = engine.train_one_epoch
+    real = trainer.train_one_epoch
 
     def recorded(*args, **kwargs):
         with HostDeviceTraffic() as counter:
@@ -215,8 +217,8 @@ def test_training_steps_neither_wait_for_nor_copy_to_the_device(tmp_path, monkey
         traffic.append((stats.steps, counter.uploads, counter.readbacks))
         return stats
 
-    monkeypatch.setattr(engine, "train_one_epoch", recorded)
-    gpu_augment._constants(torch.device("cpu"))  # copied to a device once per process: not per step
+    monkeypatch.setattr(trainer, "train_one_epoch", recorded)
+    batch_augment._constants(torch.device("cpu"))  # copied to a device once per process: not per step
     data = make_image_folder(tmp_path / "data", {"anemic": 12, "non-anemic": 12})
     cfg = load_config(
         None,
@@ -225,12 +227,12 @@ def test_training_steps_neither_wait_for_nor_copy_to_the_device(tmp_path, monkey
             f"data.root={data}",
             "train.batch_size=2",
             "train.epochs=2",
-            "unfreeze.epoch=1",
+            "unfreeze.head_only_epochs=1",
             "data.val_fraction=0.25",
             f"run.output_dir={tmp_path / 'runs'}",
             "run.name=r",
             "eval.bootstrap=100",
         ],
     )
-    engine.train(cfg)
+    trainer.train(cfg)
     assert traffic == [(9, 1, 1), (9, 1, 1)]  # 9 steps per epoch, before and after the unfreeze

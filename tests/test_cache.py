@@ -13,14 +13,14 @@ from conftest import TINY, check, launch, make_image_folder
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from anemia_dist import cache
-from anemia_dist.cache import CachedImages, decode, decode_all
+from anemia_dist import datasets
+from anemia_dist.batch_augment import EvalResize, TrainAugment
 from anemia_dist.config import load_config
-from anemia_dist.data import DataError, ImageDataset, build_split
-from anemia_dist.engine import device_transform, make_loaders
-from anemia_dist.gpu_augment import EvalResize, TrainAugment
+from anemia_dist.datasets import CachedImages, ImageDataset, decode, decode_all, device_transform, make_loaders
+from anemia_dist.errors import DataError
 from anemia_dist.images import load_rgb, working_size
-from anemia_dist.predict import model_inputs
+from anemia_dist.inference import model_inputs
+from anemia_dist.splits import build_split
 from anemia_dist.transforms import eval_transform
 
 BACKGROUND = (124, 116, 104)
@@ -41,13 +41,13 @@ def photo(path: Path, size: tuple[int, int], seed: int = 0, exif_orientation: in
 
 def counting_decoder(monkeypatch) -> list[str]:
     calls: list[str] = []
-    real = cache.load_rgb
+    real = datasets.load_rgb
 
     def counted(path, background, min_side=None):
         calls.append(str(path))
         return real(path, background, min_side=min_side)
 
-    monkeypatch.setattr(cache, "load_rgb", counted)
+    monkeypatch.setattr(datasets, "load_rgb", counted)
     return calls
 
 
@@ -62,7 +62,7 @@ def test_jpegs_decode_at_a_reduced_scale_after_exif_orientation(tmp_path):
     assert np.abs(np.asarray(reduced, dtype=np.float64) - shrunk_full).mean() < 3.0, "same picture, same orientation"
 
 
-def test_cached_image_is_the_seed_decode_resized_to_the_working_size(tmp_path, cp_anemic):
+def test_cached_image_is_the_pil_pipeline_decode_resized_to_the_working_size(tmp_path, cp_anemic):
     # Real RGBA crops: the alpha mask must be composited onto the background, as load_rgb does.
     path = next((cp_anemic / "Anemic").glob("*.png"))
     size = working_size(224)
@@ -80,7 +80,7 @@ def test_each_image_is_decoded_once_however_many_epochs_read_it(tmp_path, monkey
     dataset = CachedImages(images, [0, 0, 0, 1, 1, 1], TrainAugment(32))
     loader = DataLoader(dataset, batch_size=4, shuffle=True)
     for _epoch in range(3):
-        for batch, labels in loader:
+        for batch, _labels in loader:
             assert batch.dtype == torch.uint8 and batch.shape[1:] == (3, 39, 39)
     assert sorted(calls) == paths
     assert stats.decoded == 6 and stats.from_disk == 0 and stats.written == 0
@@ -169,7 +169,7 @@ def test_gpu_pipeline_loaders_serve_cached_uint8_batches_finished_on_the_device(
     assert torch.equal(labels, torch.tensor([s.label for s in split.val[: len(labels)]]))
 
 
-def test_cached_validation_inputs_equal_the_seed_eval_transform_on_pngs(tmp_path):
+def test_cached_validation_inputs_equal_the_pil_eval_transform_on_pngs(tmp_path):
     cfg, split = split_and_config(tmp_path)
     _, val = make_loaders(cfg, split, pin_memory=False)
     cached = torch.cat([device_transform(val)(images) for images, _ in val])
@@ -194,14 +194,14 @@ def test_evaluate_and_predict_inputs_are_the_pixels_training_validated_on(tmp_pa
     evaluated = torch.stack([inputs[i][0] for i in range(len(inputs))])
     assert torch.equal(validated, evaluated) and validated.dtype == torch.uint8
     assert device_transform(val).__class__ is inputs.batch_transform.__class__ is EvalResize
-    # A negative control: the seed's full-resolution decode gives other pixels for the photos.
+    # A negative control: the PIL pipeline's full-resolution decode gives other pixels for the photos.
     photos = [i for i, s in enumerate(everything.val) if s.path.endswith(".jpg")]
-    seed_eval = ImageDataset([everything.val[i] for i in photos], eval_transform(32), cfg.data.alpha_background)
-    full = torch.stack([seed_eval[k][0] for k in range(len(photos))])
+    pil_eval = ImageDataset([everything.val[i] for i in photos], eval_transform(32), cfg.data.alpha_background)
+    full = torch.stack([pil_eval[k][0] for k in range(len(photos))])
     assert len(photos) == 2 and not torch.allclose(EvalResize(32)(evaluated[photos]), full, atol=1e-3)
 
 
-def test_pil_pipeline_keeps_the_seed_datasets(tmp_path):
+def test_pil_pipeline_keeps_the_per_image_pil_datasets(tmp_path):
     cfg, split = split_and_config(tmp_path, "data.pipeline=pil")
     train, val = make_loaders(cfg, split, pin_memory=False)
     assert isinstance(train.dataset, ImageDataset) and isinstance(val.dataset, ImageDataset)

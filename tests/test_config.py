@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from anemia_dist.config import Config, ConfigError, load_config, packaged_config
+from anemia_dist.config import Config, load_config, packaged_config
+from anemia_dist.errors import ConfigError
 
 
 def test_defaults_are_the_methodology():
@@ -19,7 +20,7 @@ def test_defaults_are_the_methodology():
     assert (cfg.optim.lr, cfg.optim.weight_decay) == (1e-4, 1e-4)
     assert (cfg.scheduler.factor, cfg.scheduler.patience) == (0.5, 3)
     assert cfg.scheduler.min_lr > 0
-    assert (cfg.unfreeze.epoch, cfg.unfreeze.layers) == (5, ["layer4"])
+    assert (cfg.unfreeze.head_only_epochs, cfg.unfreeze.layers) == (5, ["layer4"])
     assert cfg.early_stopping.patience == 5
     assert cfg.data.image_size == 224
 
@@ -85,9 +86,10 @@ def _dotted_keys(obj, prefix=""):
             yield f"{prefix}{f.name}"
 
 
-def test_readme_config_reference_lists_every_key():
+def test_config_reference_lists_every_key_and_the_readme_links_it():
     from conftest import ROOT
 
-    readme = (ROOT / "README.md").read_text()
-    missing = [key for key in _dotted_keys(Config()) if f"`{key}`" not in readme]
-    assert not missing, f"document these keys in the README's config reference: {missing}"
+    reference = (ROOT / "docs" / "configuration.md").read_text()
+    missing = [key for key in _dotted_keys(Config()) if f"`{key}`" not in reference]
+    assert not missing, f"document these keys in docs/configuration.md: {missing}"
+    assert "(docs/configuration.md)" in (ROOT / "README.md").read_text()

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 from conftest import make_image_folder, write_csv
 
-from anemia_dist.config import ConfigError, DataConfig, load_config
-from anemia_dist.data import DataError, load_samples
+from anemia_dist.config import DataConfig, load_config
+from anemia_dist.errors import ConfigError, DataError
+from anemia_dist.sources import load_samples
 
 WHO_RULES = [
     {"threshold": 11.0, "when": ["age_months < 60"]},

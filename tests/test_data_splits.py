@@ -15,7 +15,8 @@ from sklearn.model_selection import StratifiedGroupKFold
 from test_audit import BAD, add_bad_files
 
 from anemia_dist.config import DataConfig
-from anemia_dist.data import DataError, balanced_class_weights, build_split
+from anemia_dist.errors import DataError
+from anemia_dist.splits import balanced_class_weights, build_split
 
 
 def read_rows(manifest: Path) -> list[dict]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, TINY, check, launch, make_image_folder
 
-from anemia_dist.reporting import read_metrics
+from anemia_dist.run_dir import read_metrics
 
 pytestmark = pytest.mark.multiprocess
 
@@ -47,7 +47,7 @@ def flat_loss_run(tmp_path: Path, data: Path, world: int) -> list[dict]:
         "optim.lr=1e-7",
         "scheduler.min_lr=0",
         "early_stopping.min_delta=1e-4",
-        "unfreeze.epoch=100",
+        "unfreeze.head_only_epochs=100",
         "train.epochs=12",
     ]
     if world == 1:
@@ -82,7 +82,7 @@ def spy_run(tmp_path: Path, data: Path, *flags: str) -> list[dict]:
         f"data.root={data}",
         f"run.output_dir={tmp_path / 'runs'}",
         "run.name=spy",
-        "unfreeze.epoch=1",
+        "unfreeze.head_only_epochs=1",
         "optim.lr=1e-2",
         "early_stopping.patience=2",
         "train.epochs=8",

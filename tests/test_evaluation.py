@@ -8,8 +8,9 @@ from scipy.stats import norm
 from sklearn import metrics as skm
 from sklearn.calibration import calibration_curve
 
-from anemia_dist.config import ConfigError, EvalConfig, load_config
-from anemia_dist.evaluation import (
+from anemia_dist.config import EvalConfig, load_config
+from anemia_dist.errors import ConfigError
+from anemia_dist.metrics import (
     METRICS,
     OperatingPoint,
     Predictions,

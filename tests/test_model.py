@@ -11,21 +11,23 @@ import torchvision
 
 from anemia_dist import model as model_lib
 from anemia_dist.config import ModelConfig
-from anemia_dist.model import (
-    WeightsError,
-    build_model,
-    set_train_mode,
-    trainable_stages,
-    unfreeze,
-)
+from anemia_dist.errors import WeightsError
+from anemia_dist.model import build_model, freeze_backbone, set_train_mode, trainable_stages, unfreeze
 
 
 def tiny(**kwargs) -> ModelConfig:
     return ModelConfig(arch="resnet18", weights="none", **kwargs)
 
 
+def frozen(cfg: ModelConfig) -> torch.nn.Module:
+    """The model as training starts it: built, then its backbone frozen."""
+    model = build_model(cfg, 2)
+    freeze_backbone(model)
+    return model
+
+
 def test_head_is_linear_relu_dropout_linear_and_only_it_trains():
-    model = build_model(ModelConfig(arch="resnet50", weights="none"), num_classes=2)
+    model = frozen(ModelConfig(arch="resnet50", weights="none"))
     layers = list(model.fc)
     assert [type(m) for m in layers] == [torch.nn.Linear, torch.nn.ReLU, torch.nn.Dropout, torch.nn.Linear]
     assert (layers[0].in_features, layers[0].out_features, layers[2].p, layers[3].out_features) == (2048, 512, 0.5, 2)
@@ -35,14 +37,14 @@ def test_head_is_linear_relu_dropout_linear_and_only_it_trains():
 
 
 def test_unfreeze_adds_only_the_named_stages():
-    model = build_model(tiny(), 2)
+    model = frozen(tiny())
     unfreeze(model, ["layer4"])
     assert trainable_stages(model) == ["layer4"]
     assert not any(p.requires_grad for p in model.layer3.parameters())
 
 
 def test_frozen_batchnorm_statistics_do_not_drift_in_train_mode():
-    model = build_model(tiny(), 2)
+    model = frozen(tiny())
     before = model.layer1[0].bn1.running_mean.clone()
     set_train_mode(model)
     model(torch.randn(4, 3, 32, 32) * 5 + 3)

@@ -8,31 +8,27 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import check, launch, make_image_folder, make_manifest
+from accelerate import Accelerator
+from conftest import TINY, check, launch, make_image_folder, make_manifest
 
-from anemia_dist import checkpoint
+from anemia_dist.checkpointing import Checkpointer
 from anemia_dist.cli import main
-from anemia_dist.config import ConfigError, ModelConfig
-from anemia_dist.evaluation import METRICS, OperatingPoint
+from anemia_dist.config import load_config
+from anemia_dist.errors import ConfigError
+from anemia_dist.inference import evaluate, predict
+from anemia_dist.metrics import METRICS, OperatingPoint
 from anemia_dist.model import build_model
-from anemia_dist.predict import evaluate, predict
+from anemia_dist.run_dir import BEST
 
 
 def make_best(directory: Path, classes: list[str], threshold: float = 0.5, temperature: float = 1.0) -> Path:
-    """A best/ directory as training writes it, with random weights."""
+    """A best/ directory as training writes it (the trainer's own Checkpointer), with random weights."""
+    assert directory.name == BEST
     torch.manual_seed(0)
-    cfg = ModelConfig(arch="resnet18", weights="none", hidden=16)
-    meta = {
-        "arch": cfg.arch,
-        "classes": classes,
-        "image_size": 32,
-        "alpha_background": [124, 116, 104],
-        "hidden": cfg.hidden,
-        "dropout": cfg.dropout,
-        "epoch": 1,
-        **OperatingPoint(classes[0], threshold, "fixed", temperature).to_meta(),
-    }
-    checkpoint.save_best(build_model(cfg, len(classes)), directory, meta)
+    cfg = load_config(None, TINY)
+    model = build_model(cfg.model, len(classes))
+    point = OperatingPoint(classes[0], threshold, "fixed", temperature)
+    Checkpointer(Accelerator(), directory.parent, cfg, classes).save_best(model, 1, 0.7, 0.5, point)
     return directory
 
 
@@ -198,20 +194,20 @@ def test_evaluate_on_cp_anemic(tmp_path, cp_anemic):
 
 
 def test_evaluate_reads_the_decoded_images_a_training_run_stored_in_cache_dir(tmp_path, monkeypatch):
-    from anemia_dist import cache
+    from anemia_dist import datasets
 
     best = make_best(tmp_path / "best", ["anemic", "non-anemic"])
     folder = make_image_folder(tmp_path / "images", {"anemic": 5, "non-anemic": 4})
     store = tmp_path / "cache"
     paths = sorted(str(p) for p in folder.rglob("*.png"))
-    cache.decode_all(paths, 32, [124, 116, 104], cache_dir=store)  # what training stores for validation
+    datasets.decode_all(paths, 32, [124, 116, 104], cache_dir=store)  # what training stores for validation
     report = dict(report_dir=tmp_path / "report")
     expected = evaluate(best, folder, ["data.num_workers=0"], **report)
 
     def no_decoding(*args):
         raise AssertionError("decoded although the cache holds the image")
 
-    monkeypatch.setattr(cache, "decode", no_decoding)
+    monkeypatch.setattr(datasets, "decode", no_decoding)
     stored = evaluate(best, folder, ["data.num_workers=0", f"data.cache_dir={store}"], **report)
     assert stored["n"] == 9 and stored["auroc"] == expected["auroc"] and stored["loss"] == expected["loss"]
     with pytest.raises(AssertionError, match="decoded although"):  # without it, every file is decoded

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from conftest import TINY, check, launch, make_manifest
 
-from anemia_dist.evaluation import OperatingPoint, summarize
-from anemia_dist.predict import evaluate
+from anemia_dist.inference import evaluate
+from anemia_dist.metrics import OperatingPoint, summarize
 from anemia_dist.report import FIGURES, write_report
-from anemia_dist.reporting import read_metrics
+from anemia_dist.run_dir import read_metrics
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

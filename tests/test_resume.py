@@ -13,12 +13,12 @@ import pytest
 import torch
 from conftest import ROOT, TINY, check, launch, make_image_folder, write_image
 
-from anemia_dist.checkpointer import complete_checkpoints, read_info
+from anemia_dist.checkpointing import complete_checkpoints, read_info
 from anemia_dist.preemption import PREEMPTED_EXIT_CODE
-from anemia_dist.reporting import read_metrics
+from anemia_dist.run_dir import read_metrics
 
 # A run that really trains (lr 1e-3), cuts the lr (patience 1) and unfreezes layer4 at epoch 3.
-SETTINGS = [*TINY, "optim.lr=1e-3", "scheduler.patience=1", "unfreeze.epoch=2", "early_stopping.patience=3"]
+SETTINGS = [*TINY, "optim.lr=1e-3", "scheduler.patience=1", "unfreeze.head_only_epochs=2", "early_stopping.patience=3"]
 
 
 def hard_folder(root: Path, per_class: int = 12) -> Path:
@@ -38,7 +38,7 @@ def train(data: Path, out: Path, name: str, world: int, *extra: str) -> subproce
 
 def assert_same_rows(resumed: list[dict], reference: list[dict], from_epoch: int) -> None:
     assert [r["epoch"] for r in resumed] == [r["epoch"] for r in reference], "same stop epoch"
-    for got, want in zip(resumed[from_epoch - 1 :], reference[from_epoch - 1 :]):
+    for got, want in zip(resumed[from_epoch - 1 :], reference[from_epoch - 1 :], strict=True):
         for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
             assert got[key] == pytest.approx(want[key], rel=1e-6), (got["epoch"], key)
         assert got["lr"] == want["lr"] and got["unfrozen"] == want["unfrozen"], got["epoch"]

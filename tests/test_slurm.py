@@ -21,7 +21,7 @@ import pytest
 from conftest import ROOT, TINY, free_port, make_image_folder
 
 from anemia_dist.preemption import PREEMPTED_EXIT_CODE
-from anemia_dist.reporting import read_metrics
+from anemia_dist.run_dir import read_metrics
 
 SLURM = ROOT / "slurm"
 SCRIPTS = [SLURM / name for name in ("lib.sh", "node_launch.sh", "local_cluster.sh")] + sorted(SLURM.glob("*.sbatch"))

@@ -8,7 +8,8 @@ import pytest
 from conftest import make_manifest
 
 from anemia_dist.config import DataConfig
-from anemia_dist.data import DataError, balanced_class_weights, build_split
+from anemia_dist.errors import DataError
+from anemia_dist.splits import balanced_class_weights, build_split
 
 
 def test_split_keeps_patients_whole_stratifies_and_is_reproducible(tmp_path):

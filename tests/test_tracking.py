@@ -19,8 +19,9 @@ from conftest import ROOT, TINY, check, launch, make_image_folder
 from wandb_records import config, history, read_records, run_id, summary
 
 from anemia_dist import tracking
-from anemia_dist.config import ConfigError, load_config
-from anemia_dist.reporting import read_metrics
+from anemia_dist.config import load_config
+from anemia_dist.errors import ConfigError
+from anemia_dist.run_dir import read_metrics
 
 FALLBACK = "W&B online logging unavailable"
 
@@ -129,7 +130,7 @@ def offline_run(tmp_path_factory):
         "train",
         *TINY,
         f"data.root={data}",
-        "unfreeze.epoch=1",
+        "unfreeze.head_only_epochs=1",
         "early_stopping.patience=50",
         f"run.output_dir={root / 'runs'}",
         "run.name=tracked",
@@ -175,7 +176,7 @@ def test_two_rank_offline_run_logs_exactly_what_metrics_jsonl_holds(offline_run)
         assert numbers, row
         for key, value in numbers.items():
             assert values_equal(entry[key], value), (row["epoch"], key, entry.get(key), value)
-        for name, lr in zip(row["lr_groups"], row["lr"]):
+        for name, lr in zip(row["lr_groups"], row["lr"], strict=True):
             assert entry[f"lr/{name}"] == pytest.approx(lr, rel=1e-12)
     assert [logged[e]["trainable_stages"] for e in (1, 2, 3)] == [0, 1, 1]  # unfrozen at epoch 2
 

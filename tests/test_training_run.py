@@ -11,8 +11,8 @@ import pytest
 import torch
 from conftest import ROOT, TINY, check, launch
 
-from anemia_dist.checkpoint import load_best
-from anemia_dist.reporting import read_metrics
+from anemia_dist.inference import load_best
+from anemia_dist.run_dir import read_metrics
 
 ROW_KEYS = {
     "epoch",
@@ -43,7 +43,7 @@ def test_one_process_run_writes_the_documented_run_directory(tmp_path, image_fol
             f"run.output_dir={tmp_path}",
             "run.name=r",
             "train.epochs=3",
-            "unfreeze.epoch=1",
+            "unfreeze.head_only_epochs=1",
         )
     )
     run = tmp_path / "r"
@@ -99,7 +99,7 @@ def test_plateaued_head_unfreezes_early_on_both_ranks(tmp_path, image_folder):
                 "run.name=p",
                 "optim.lr=1e-7",
                 "early_stopping.min_delta=1e-4",
-                "unfreeze.epoch=100",
+                "unfreeze.head_only_epochs=100",
                 "unfreeze.plateau_patience=2",
                 "train.epochs=4",
             ]

@@ -12,23 +12,26 @@ from pathlib import Path
 
 from accelerate.utils import set_seed
 
-from anemia_dist import engine
 from anemia_dist.config import load_config
-from anemia_dist.data import balanced_class_weights, build_split
-from anemia_dist.model import build_model
+from anemia_dist.datasets import make_loaders
+from anemia_dist.model import build_model, freeze_backbone
+from anemia_dist.splits import balanced_class_weights, build_split
+from anemia_dist.trainer import make_accelerator
+from anemia_dist.validation import validate
 
 
 def main() -> None:
     out = Path(sys.argv[1])
     cfg = load_config(None, sys.argv[sys.argv.index("--") + 1 :])
-    accelerator = engine.make_accelerator(cfg)
+    accelerator = make_accelerator(cfg)
     set_seed(cfg.train.seed)
     split = build_split(cfg.data, cfg.train.seed)
     weights = balanced_class_weights(split.train, len(split.classes)).to(accelerator.device)
-    _, val_loader = engine.make_loaders(cfg, split, pin_memory=False)
+    _, val_loader = make_loaders(cfg, split, pin_memory=False)
     model = build_model(cfg.model, len(split.classes))
+    freeze_backbone(model)
     model, val_loader = accelerator.prepare(model, val_loader)
-    result = engine.validate(accelerator, model, val_loader, weights)
+    result = validate(accelerator, model, val_loader, weights)
     report = {"val_loss": result.loss, "n": len(result.labels), "val_acc": result.accuracy}
     (out / f"rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(report))
 

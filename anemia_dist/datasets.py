@@ -1,16 +1,19 @@
-"""Decode every image once: uint8 tensors at a working size, read by the loader workers.
+"""The datasets and loaders training reads: the decoded-image cache (default) or the PIL pipeline.
 
-Medical datasets are small (hundreds to a few thousand images), so the whole decoded set fits
+``data.pipeline=gpu`` decodes every image once into uint8 tensors at a working size, read by the
+loader workers. Medical datasets are small (hundreds to a few thousand images), so the whole decoded set fits
 in memory: at the default 224 px training size an image is 3 × 269 × 269 bytes (217 KB), 1,000
 images 0.2 GB. Each image is decoded once (JPEGs at a reduced DCT scale), composited onto the
 background, resized to a square a little larger than the training size (the augmentation
 zooms in by up to 1.2×) and kept as uint8; the random augmentation then runs on the training
-device (:mod:`anemia_dist.gpu_augment`). With ``data.cache_dir`` the decoded images are also
+device (:mod:`anemia_dist.batch_augment`). With ``data.cache_dir`` the decoded images are also
 stored on disk, keyed by the file's content hash, the working size and the background, so a
 later run (or another fold) starts without decoding.
 
 The loader workers read the same memory: forked workers share its pages (nothing writes to
 them, so nothing is copied), and under spawn torch's pickling moves it to shared memory.
+``data.pipeline=pil`` is the methodology as usually written: each image decoded and augmented
+with PIL transforms (:mod:`anemia_dist.transforms`) in the loader workers, every epoch.
 """
 
 from __future__ import annotations
@@ -25,13 +28,19 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import PartialState
+from accelerate.logging import get_logger
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .config import DataConfig
-from .data import DataError, SplitData
-from .gpu_augment import EvalResize, TrainAugment
+from .batch_augment import EvalResize, TrainAugment
+from .config import Config, DataConfig
+from .errors import DataError
 from .images import load_rgb, working_size
+from .sources import Sample
+from .splits import SplitData
+from .transforms import eval_transform, train_transform
+
+logger = get_logger(__name__)
 
 FORMAT_VERSION = 1
 """Part of every disk key: bump it when decoding changes, and old entries are ignored."""
@@ -156,7 +165,7 @@ class CachedImages(Dataset):
     """(uint8 image [3, W, W], label) pairs from the decoded tensor (or :class:`DecodedOnAccess`).
 
     ``batch_transform`` finishes a collated batch on the training device (augmentation or
-    resize, then normalisation); the engine applies it after the batch is moved there.
+    resize, then normalisation); the trainer applies it after the batch is moved there.
     """
 
     def __init__(self, images: torch.Tensor | DecodedOnAccess, labels: Sequence[int], batch_transform: Callable):
@@ -194,7 +203,7 @@ def cached_datasets(cfg: DataConfig, split: SplitData, channels_last: bool) -> t
             stats.decoded, stats.from_disk = stats.decoded + part_stats.decoded, stats.from_disk + part_stats.from_disk
     stored = f", {stats.from_disk} read from {cfg.cache_dir}" if cfg.cache_dir is not None else ""
     megabytes = sum(t.numel() for t in images.values()) / 2**20
-    state.print(
+    logger.info(
         f"decoded-image cache: {len(parts['train'])} training images at {sizes['train']}px, {len(parts['val'])} "
         f"validation images at {sizes['val']}px, {megabytes:.1f} MiB per process; {stats.decoded} decoded{stored}"
     )
@@ -202,3 +211,49 @@ def cached_datasets(cfg: DataConfig, split: SplitData, channels_last: bool) -> t
         CachedImages(images["train"], [s.label for s in split.train], TrainAugment(cfg.image_size, channels_last)),
         CachedImages(images["val"], [s.label for s in split.val], EvalResize(cfg.image_size, channels_last)),
     )
+
+
+class ImageDataset(Dataset):
+    """The PIL pipeline: (image tensor, label) pairs decoded with :func:`load_rgb` and transformed
+    per image, every time they are read."""
+
+    def __init__(self, samples: Sequence[Sample], transform: Callable, background: Sequence[int]):
+        self.samples = list(samples)
+        self.transform = transform
+        self.background = tuple(background)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        sample = self.samples[index]
+        return self.transform(load_rgb(sample.path, self.background)), sample.label
+
+
+def make_loaders(cfg: Config, split: SplitData, pin_memory: bool) -> tuple[DataLoader, DataLoader]:
+    """The training and validation loaders of ``data.pipeline``, before Accelerate shards them."""
+    workers = cfg.data.num_workers
+    common = dict(
+        batch_size=cfg.train.batch_size,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        persistent_workers=workers > 0,
+    )
+    if cfg.data.pipeline == "gpu":
+        train, val = cached_datasets(cfg.data, split, cfg.train.channels_last)
+    else:
+        background = cfg.data.alpha_background
+        train = ImageDataset(split.train, train_transform(cfg.data.image_size), background)
+        val = ImageDataset(split.val, eval_transform(cfg.data.image_size), background)
+    # Own generators: creating a loader iterator otherwise draws from the global RNG, which the
+    # checkpoints restore, and a mid-epoch resume (a fresh iterator) would start one draw off.
+    return (
+        DataLoader(train, shuffle=True, generator=torch.Generator().manual_seed(cfg.train.seed), **common),
+        DataLoader(val, shuffle=False, generator=torch.Generator().manual_seed(cfg.train.seed), **common),
+    )
+
+
+def device_transform(loader: DataLoader) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What the training device does to a batch before the model: the cached pipeline's batched
+    augmentation (or validation resize) and normalisation; PIL-pipeline batches arrive finished."""
+    return getattr(loader.dataset, "batch_transform", torch.nn.Identity())

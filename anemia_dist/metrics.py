@@ -1,5 +1,8 @@
 """Screening metrics for one positive class: point estimates, 95 % intervals, the operating threshold.
 
+Pure numpy on (labels, probabilities): no model, no files. The validation pass
+(:mod:`anemia_dist.validation`) produces the inputs; training and ``evaluate`` both score them here.
+
 Every metric is computed from per-sample weights, so the point estimate (all weights 1) and each
 bootstrap resample (weights = how often a sample, or its patient, was drawn) go through the same
 code, vectorised over a block of resamples. AUROC and AUPRC follow scikit-learn's definitions
@@ -18,7 +21,8 @@ from scipy.optimize import minimize_scalar
 from scipy.stats import binomtest
 from sklearn.metrics import roc_curve
 
-from .config import ConfigError, EvalConfig
+from .config import EvalConfig
+from .errors import ConfigError, DataError
 
 CONFIDENCE = 0.95
 ECE_BINS = 10
@@ -273,12 +277,7 @@ def choose_threshold(truth: np.ndarray, score: np.ndarray, cfg: EvalConfig) -> f
     if cfg.threshold_rule == "fixed":
         return float(cfg.fixed_threshold)
     truth = np.asarray(truth, dtype=bool)
-    if truth.all() or not truth.any():
-        raise ValueError(
-            f"eval.threshold_rule={cfg.threshold_rule} needs validation images of both the positive class and "
-            f"the others; found {int(truth.sum())} positive of {len(truth)}. Use eval.threshold_rule=fixed "
-            f"or a validation set with both."
-        )
+    require_both_classes(truth, cfg)
     fpr, tpr, cuts = roc_curve(truth, score, drop_intermediate=False)
     # cuts[0] is +inf (nothing positive); the others are the distinct scores, descending.
     fpr, tpr, cuts = fpr[1:], tpr[1:], cuts[1:]
@@ -288,6 +287,17 @@ def choose_threshold(truth: np.ndarray, score: np.ndarray, cfg: EvalConfig) -> f
         chosen = int(np.argmax(tpr >= cfg.target_sensitivity))
     below = cuts[chosen + 1] if chosen + 1 < len(cuts) else 0.0
     return float((cuts[chosen] + below) / 2)
+
+
+def require_both_classes(truth: Any, cfg: EvalConfig) -> None:
+    """A threshold rule other than ``fixed`` is fitted on validation images of both kinds."""
+    truth = np.asarray(truth, dtype=bool)
+    if cfg.threshold_rule != "fixed" and (truth.all() or not truth.any()):
+        raise DataError(
+            f"eval.threshold_rule={cfg.threshold_rule} needs validation images of both the positive class and "
+            f"the others; found {int(truth.sum())} positive of {len(truth)}. Use eval.threshold_rule=fixed "
+            f"or a validation set with both."
+        )
 
 
 @dataclass
@@ -389,10 +399,11 @@ def summarize(
     return Evaluation(json_ready(result), pred, uncalibrated)
 
 
-def epoch_metrics(
+def screening_metrics(
     labels: Any, probs: Any, classes: Sequence[str], cfg: EvalConfig
 ) -> tuple[OperatingPoint, dict[str, float]]:
-    """The operating point this epoch would be saved with, and the point estimates at it."""
+    """The operating point fitted on these validation predictions (what this epoch's model would be
+    saved with), and the screening metrics at it: one training epoch's ``val_*`` columns."""
     point = OperatingPoint.fit(labels, probs, classes, cfg)
     values = point_metrics(point.predictions(labels, probs, classes), point.threshold)
     return point, {name: values[name] for name in METRICS if name not in ("loss", "accuracy")} | {

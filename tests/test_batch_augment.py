@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from torchvision.transforms import InterpolationMode
 
-from anemia_dist.gpu_augment import (
+from anemia_dist.batch_augment import (
     AugmentParams,
     AugmentRanges,
     EvalResize,
@@ -51,8 +51,8 @@ def torchvision_jitter(image: torch.Tensor, brightness: float, contrast: float, 
     return TF.adjust_brightness(TF.adjust_contrast(image, contrast), brightness)
 
 
-def test_ranges_are_read_from_the_seed_pipeline_and_equal_the_methodology():
-    ranges = AugmentRanges.from_seed_pipeline()
+def test_ranges_are_read_from_the_pil_pipeline_and_equal_the_methodology():
+    ranges = AugmentRanges.from_pil_pipeline()
     assert ranges == AugmentRanges(
         flip_p=0.5,
         rotation=15.0,
@@ -66,7 +66,7 @@ def test_ranges_are_read_from_the_seed_pipeline_and_equal_the_methodology():
 
 def test_sampled_parameters_cover_the_ranges_with_the_right_probabilities():
     n, size = 40_000, 224
-    drawn = sample_params(n, size, AugmentRanges.from_seed_pipeline(), generator=torch.Generator().manual_seed(1))
+    drawn = sample_params(n, size, AugmentRanges.from_pil_pipeline(), generator=torch.Generator().manual_seed(1))
     # Bernoulli(0.5) over 40k draws: the standard deviation of the fraction is 0.0025.
     assert drawn.flip.float().mean().item() == pytest.approx(0.5, abs=0.015)
     assert drawn.brightness_first.float().mean().item() == pytest.approx(0.5, abs=0.015)

@@ -1,20 +1,20 @@
 """The methodology's augmentation, batched on the training device.
 
-The seed pipeline (:mod:`anemia_dist.transforms`) runs per image in PIL: resize, flip, rotate,
+The PIL pipeline (:mod:`anemia_dist.transforms`) runs per image: resize, flip, rotate,
 colour jitter, affine, each a separate pass on the CPU. Here a whole batch of cached uint8
 images is done in one resampling pass: per sample, the resize to the training size, the flip,
 the rotation and the affine rotation/scale/translation are composed into one 2×3 matrix and
 applied with ``grid_sample`` (the sampling grid is ``affine_grid``'s, computed in a form that
 is also fast on a CPU); brightness/contrast jitter and ImageNet normalisation follow as
-element-wise ops. The parameter ranges are read from the seed pipeline itself, so both paths
+element-wise ops. The parameter ranges are read from the PIL pipeline itself, so both paths
 draw from the same distributions. Nothing here copies from the host or waits for the device,
 so the CPU can queue the next steps while the GPU works.
 
-Differences from the seed pipeline, all deliberate: bilinear sampling in one pass (the seed
-resamples twice with nearest-neighbour, torchvision's default for rotations), and the colour
-jitter after the geometry rather than between the rotation and the affine. Brightness commutes
-with resampling; contrast blends towards the mean grey of the final frame instead of the
-intermediate one.
+Differences from the PIL pipeline, all deliberate: bilinear sampling in one pass (the PIL
+pipeline resamples twice with nearest-neighbour, torchvision's default for rotations), and the
+colour jitter after the geometry rather than between the rotation and the affine. Brightness
+commutes with resampling; contrast blends towards the mean grey of the final frame instead of
+the intermediate one.
 """
 
 from __future__ import annotations
@@ -48,13 +48,13 @@ class AugmentRanges:
     contrast: tuple[float, float]
 
     @classmethod
-    def from_seed_pipeline(cls, image_size: int = 224) -> AugmentRanges:
+    def from_pil_pipeline(cls, image_size: int = 224) -> AugmentRanges:
         """Read from :func:`anemia_dist.transforms.train_transform`: one definition for both paths."""
         found = {type(t): t for t in train_transform(image_size).transforms}
         flip, rotation = found[T.RandomHorizontalFlip], found[T.RandomRotation]
         jitter, affine = found[T.ColorJitter], found[T.RandomAffine]
         if affine.shear is not None or jitter.saturation is not None or jitter.hue is not None:
-            raise ValueError("the seed pipeline uses transforms this batched path does not implement")
+            raise ValueError("the PIL pipeline uses transforms this batched path does not implement")
         if affine.translate[0] != affine.translate[1]:
             raise ValueError("the batched path assumes the same translate range on both axes")
         return cls(
@@ -125,10 +125,10 @@ def affine_thetas(params: AugmentParams, image_size: int) -> tuple[torch.Tensor,
     """Per-sample 2×3 ``affine_grid`` matrices, output coordinates -> input coordinates.
 
     In normalised coordinates (a square picture spans [-1, 1] whatever its pixel size, so the
-    resize is implicit) the seed's steps take a point p of the resized picture to
+    resize is implicit) the PIL pipeline's steps take a point p of the resized picture to
     ``q = t + s·R(angle)·R(-rotation)·Flip·p``. Returns the inverse of that whole chain, which
     samples the picture, and the inverse of the affine step alone, which locates each output
-    pixel in the rotated frame: the seed crops that frame (its corners come out black), so
+    pixel in the rotated frame: the PIL pipeline crops that frame (its corners come out black), so
     output pixels that fall outside it must be black here too.
     """
     ones = torch.ones_like(params.scale)
@@ -191,7 +191,7 @@ def _check_uint8(images: torch.Tensor) -> None:
 def augment(images: torch.Tensor, params: AugmentParams, image_size: int) -> torch.Tensor:
     """uint8 [B, 3, H, W] at any square size -> augmented float in [0, 1], [B, 3, S, S].
 
-    Pixels that come from outside the picture are black, as the seed's ``fill=0``.
+    Pixels that come from outside the picture are black, as the PIL pipeline's ``fill=0``.
     """
     _check_uint8(images)
     whole, affine_step = affine_thetas(params, image_size)
@@ -217,7 +217,7 @@ class TrainAugment:
 
     def __init__(self, image_size: int, channels_last: bool = True, ranges: AugmentRanges | None = None):
         self.image_size = image_size
-        self.ranges = ranges or AugmentRanges.from_seed_pipeline(image_size)
+        self.ranges = ranges or AugmentRanges.from_pil_pipeline(image_size)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Using a saved model (``RUN/best``): ``evaluate`` on labelled images, ``predict`` on image files.
+"""Using a saved model (``RUN/best``): load it, ``evaluate`` it on labelled images, ``predict`` on
+image files.
 
 Both read the preprocessing (image size, alpha background), the positive class, the operating
 threshold and the temperature from ``best/meta.json``, so nothing is re-tuned on the data at hand.
@@ -18,28 +19,50 @@ from typing import Any, TextIO
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.logging import get_logger
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from . import checkpoint
-from .cache import CachedImages, DecodedOnAccess
-from .config import Config, ConfigError, load_config, parse_override
-from .data import DataError, Sample, load_source
-from .engine import validate
-from .evaluation import OperatingPoint, apply_temperature, negative_name, summarize
-from .gpu_augment import EvalResize
+from .batch_augment import EvalResize
+from .config import Config, ModelConfig, load_config, parse_override
+from .datasets import CachedImages, DecodedOnAccess
+from .errors import ConfigError, DataError
 from .images import IMAGE_EXTENSIONS
+from .metrics import OperatingPoint, apply_temperature, negative_name, summarize
+from .model import build_model
 from .report import write_report
-from .reporting import read_metrics
+from .run_dir import META, PREDICTIONS, WEIGHTS, read_metrics
+from .sources import Sample, find_image_files, load_source
+from .validation import validate
+
+logger = get_logger(__name__)
 
 # Settings that belong to the model: evaluating with other values would not test the saved model.
 FROM_CHECKPOINT = {"data.image_size", "data.alpha_background", "data.classes", "data.root", "data.manifest"}
 
 
+def read_meta(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / META
+    if not path.is_file():
+        raise DataError(f"{path}: not a best-model directory (expected {META} and {WEIGHTS})")
+    return json.loads(path.read_text())
+
+
+def load_best(directory: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild the exported model (``RUN/best``) for inference: eval mode, on the CPU."""
+    meta = read_meta(directory)
+    arch = ModelConfig(arch=meta["arch"], weights="none", hidden=meta["hidden"], dropout=meta["dropout"])
+    model = build_model(arch, len(meta["classes"]))
+    model.load_state_dict(load_file(str(Path(directory) / WEIGHTS)))
+    return model.eval(), meta
+
+
 def load_model(directory: str | Path) -> tuple[torch.nn.Module, dict[str, Any], OperatingPoint]:
-    model, meta = checkpoint.load_best(Path(directory))
+    """The exported model, its meta.json and its operating point, ready for the inputs of :func:`model_inputs`."""
+    model, meta = load_best(directory)
     model.to(memory_format=torch.channels_last)  # the layout of model_inputs' batches, as in training
-    return model, meta, OperatingPoint.from_meta(meta, str(Path(directory) / checkpoint.META_FILE))
+    return model, meta, OperatingPoint.from_meta(meta, str(Path(directory) / META))
 
 
 def model_inputs(samples: Sequence[Sample], meta: dict[str, Any], cache_dir: str | None = None) -> CachedImages:
@@ -87,7 +110,7 @@ def evaluate(
 ) -> dict[str, Any] | None:
     """Metrics with intervals at the saved operating point; the record on the main process, else None.
 
-    Runs on 1..N processes: ``engine.validate`` gathers every image's probabilities exactly once,
+    Runs on 1..N processes: :func:`~anemia_dist.validation.validate` gathers every image's probabilities exactly once,
     so the numbers do not depend on the number of processes. ``split`` keeps the manifest rows
     whose split column holds it (e.g. ``val`` of a run's splits.csv).
     """
@@ -114,7 +137,7 @@ def evaluate(
     )
     model = accelerator.prepare_model(model, evaluation_mode=True)
     loader = accelerator.prepare_data_loader(loader)
-    accelerator.print(
+    logger.info(
         f"evaluating {checkpoint_dir} on {len(samples)} images from {data}, {accelerator.num_processes} process(es)"
     )
     gathered = validate(accelerator, model, loader, torch.ones(len(classes)))
@@ -126,7 +149,7 @@ def evaluate(
         record = {"checkpoint": str(checkpoint_dir), "data": str(data), **evaluation.result}
         report = Path(report_dir) if report_dir else default_report_dir(out)
         report.mkdir(parents=True, exist_ok=True)
-        write_sample_predictions(report / "predictions.csv", samples, classes, evaluation.pred.score, point)
+        write_sample_predictions(report / PREDICTIONS, samples, classes, evaluation.pred.score, point)
         notes = [
             f"Data: {data}. Model: {checkpoint_dir} (epoch {meta.get('epoch')}).",
             f"The threshold {point.threshold:.4f} ({point.threshold_rule}) and the temperature {point.temperature:.3f} "
@@ -154,7 +177,7 @@ def write_sample_predictions(
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "label", "group", "probability", "prediction"])
-        for sample, score in zip(samples, scores):
+        for sample, score in zip(samples, scores, strict=True):
             decision = point.positive_class if score >= point.threshold else negative
             writer.writerow([sample.path, classes[sample.label], sample.group, f"{score:.6f}", decision])
 
@@ -167,13 +190,13 @@ def find_images(inputs: Sequence[str | Path]) -> list[Path]:
     found, absent = [], []
     for item in map(Path, inputs):
         if item.is_dir():
-            found += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            found += find_image_files(item)
         elif item.is_file():
             found.append(item)
         else:
             absent.append(str(item))
     if absent:
-        raise FileNotFoundError(f"no such file or folder: {', '.join(absent)}")
+        raise DataError(f"no such file or folder: {', '.join(absent)}")
     if not found:
         raise DataError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {', '.join(map(str, inputs))}")
     return found
@@ -225,7 +248,7 @@ def predict(
         scores.append(apply_temperature(probs, point.temperature)[:, positive])
         errors += batch_errors
     rows = []
-    for path, score, error in zip(paths, np.concatenate(scores), errors):
+    for path, score, error in zip(paths, np.concatenate(scores), errors, strict=True):
         if error:
             rows.append({"path": str(path), "probability": "", "prediction": "", "error": error})
         else:

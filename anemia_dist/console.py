@@ -1,0 +1,51 @@
+"""What a person watching a run sees: the package's log lines and its progress bars.
+
+Modules log through ``accelerate.logging.get_logger(__name__)``: a line is written by the main
+process only, unless the call passes ``main_process_only=False``. The CLI calls
+:func:`configure_logging` once; a program that imports the package sets up logging its own way.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterable
+
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+PACKAGE = "anemia_dist"
+
+
+class _ConsoleHandler(logging.StreamHandler):
+    """Information to standard output, warnings and errors to standard error, each looked up when
+    a line is written (so redirected or captured streams are honoured), flushed line by line (so a
+    SLURM log shows it at once)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr if record.levelno >= logging.WARNING else sys.stdout
+        super().emit(record)
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Plain lines (the message only) from every ``anemia_dist`` logger; calling it again changes nothing."""
+    logger = logging.getLogger(PACKAGE)
+    logger.setLevel(level)
+    if not any(isinstance(handler, _ConsoleHandler) for handler in logger.handlers):
+        handler = _ConsoleHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
+def progress_bar(accelerator: Accelerator, iterable: Iterable, desc: str, **kwargs) -> tqdm:
+    """tqdm on the main process; in a log file (SLURM, CI) a line every 30 s, not every batch."""
+    interactive = sys.stderr.isatty()
+    return tqdm(
+        iterable,
+        desc=desc,
+        disable=not accelerator.is_local_main_process,
+        leave=False,
+        mininterval=0.1 if interactive else 30.0,
+        **kwargs,
+    )

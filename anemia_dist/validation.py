@@ -1,0 +1,56 @@
+"""The validation pass: every sample's probabilities exactly once, identical on every rank.
+
+Training validates with it each epoch and ``evaluate`` scores held-out data with it, so both
+see the same numbers on 1..N processes; it imports nothing from the trainer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+
+from .console import progress_bar
+from .datasets import device_transform
+
+
+@dataclass
+class ValidationResult:
+    """Every validation sample exactly once, identical on every rank."""
+
+    loss: float
+    accuracy: float
+    labels: torch.Tensor
+    probs: torch.Tensor
+
+
+@torch.no_grad()
+def validate(
+    accelerator: Accelerator, model: torch.nn.Module, loader: DataLoader, class_weights: torch.Tensor
+) -> ValidationResult:
+    """The class-weighted mean loss Σ w_y·ℓ / Σ w_y over the whole validation set.
+
+    Per-sample values are gathered batch by batch with ``gather_for_metrics``, which drops the
+    duplicates the distributed sampler pads the last batch with; every rank then reduces the
+    same tensors, so the result equals the one-process value and is identical on all ranks.
+    """
+    model.eval()
+    losses, labels, probs = [], [], []
+    bar = progress_bar(accelerator, loader, "validate")
+    transform = device_transform(loader)
+    for images, targets in bar:
+        logits = model(transform(images)).float()
+        loss = F.cross_entropy(logits, targets, reduction="none")
+        loss, targets, prob = accelerator.gather_for_metrics((loss, targets, logits.softmax(dim=1)))
+        losses.append(loss.double())
+        labels.append(targets)
+        probs.append(prob.double())
+    # One copy to the host for the whole set, not a wait for the device per batch.
+    loss, labels_all, probs_all = (torch.cat(parts).cpu() for parts in (losses, labels, probs))
+    weights = class_weights.double().cpu()[labels_all]
+    weighted = float((weights * loss).sum() / weights.sum())
+    accuracy = float((probs_all.argmax(1) == labels_all).double().mean())
+    return ValidationResult(weighted, accuracy, labels_all, probs_all)
