@@ -7,8 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import TINY, check, launch, make_image_folder
-from test_audit import BAD, add_bad_files
+from helpers import BAD, TINY, add_bad_files, check, launch, make_image_folder
+
+from anemia_dist.run_dir import AUDIT_JSON, EXCLUDED, SPLITS, SUMMARY
 
 pytestmark = pytest.mark.multiprocess
 
@@ -38,13 +39,13 @@ def test_skipped_files_are_listed_in_the_run_directory_and_counted_in_the_log(tm
             )
         )
     )
-    assert "left out 5 file(s)" in result.stdout and str(runs / "r" / "excluded.csv") in result.stdout
-    with (runs / "r" / "excluded.csv").open() as handle:
+    assert "left out 5 file(s)" in result.stdout and str(runs / "r" / EXCLUDED) in result.stdout
+    with (runs / "r" / EXCLUDED).open() as handle:
         excluded = {Path(row["path"]).name: row["reason"] for row in csv.DictReader(handle)}
     assert excluded == BAD
-    with (runs / "r" / "splits.csv").open() as handle:
+    with (runs / "r" / SPLITS).open() as handle:
         assert not {Path(row["path"]).name for row in csv.DictReader(handle)} & set(BAD)
-    assert json.loads((runs / "r" / "audit.json").read_text())["bad_files"] == 5
+    assert json.loads((runs / "r" / AUDIT_JSON).read_text())["bad_files"] == 5
 
 
 def test_cp_anemic_config_trains_on_the_real_data_with_no_preprocessing(tmp_path, cp_anemic):
@@ -63,8 +64,8 @@ def test_cp_anemic_config_trains_on_the_real_data_with_no_preprocessing(tmp_path
         )
     )
     assert "exact duplicates: 82 groups, 253 files" in result.stdout
-    with (runs / "cp" / "splits.csv").open() as handle:
+    with (runs / "cp" / SPLITS).open() as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 615 and {r["label"] for r in rows} == {"Anemic", "Non-anemic"}
-    summary = json.loads((runs / "cp" / "summary.json").read_text())
+    summary = json.loads((runs / "cp" / SUMMARY).read_text())
     assert summary["epochs_run"] == 1 and summary["world_size"] == 2

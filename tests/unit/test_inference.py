@@ -1,44 +1,23 @@
-"""``anemia-dist predict`` and ``anemia-dist evaluate`` on a saved (random-init) model."""
+"""``anemia-dist predict`` and ``anemia-dist evaluate`` on a saved (random-init) model, in process.
+(Two processes: ``tests/multiprocess/test_evaluate_processes.py``.)"""
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
 import pytest
-import torch
-from accelerate import Accelerator
-from conftest import TINY, check, launch, make_image_folder, make_manifest
+from helpers import make_best, make_image_folder, make_manifest, read_csv
 
-from anemia_dist.checkpointing import Checkpointer
 from anemia_dist.cli import main
-from anemia_dist.config import load_config
 from anemia_dist.errors import ConfigError
 from anemia_dist.inference import evaluate, predict
-from anemia_dist.metrics import METRICS, OperatingPoint
-from anemia_dist.model import build_model
-from anemia_dist.run_dir import BEST
-
-
-def make_best(directory: Path, classes: list[str], threshold: float = 0.5, temperature: float = 1.0) -> Path:
-    """A best/ directory as training writes it (the trainer's own Checkpointer), with random weights."""
-    assert directory.name == BEST
-    torch.manual_seed(0)
-    cfg = load_config(None, TINY)
-    model = build_model(cfg.model, len(classes))
-    point = OperatingPoint(classes[0], threshold, "fixed", temperature)
-    Checkpointer(Accelerator(), directory.parent, cfg, classes).save_best(model, 1, 0.7, 0.5, point)
-    return directory
-
-
-def read_csv(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="") as handle:
-        return list(csv.DictReader(handle))
+from anemia_dist.metrics import METRICS
+from anemia_dist.run_dir import BEST, META, PREDICTIONS, REPORT_PAGE
 
 
 def test_predict_lists_a_corrupt_file_and_scores_the_rest(tmp_path, capsys):
-    best = make_best(tmp_path / "best", ["anemic", "non-anemic"], threshold=0.5)
+    best = make_best(tmp_path / BEST, ["anemic", "non-anemic"], threshold=0.5)
     folder = make_image_folder(tmp_path / "images", {"a": 5, "b": 4})
     (folder / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     (folder / "notes.txt").write_text("not an image, not listed")
@@ -75,12 +54,12 @@ def test_predict_lists_a_corrupt_file_and_scores_the_rest(tmp_path, capsys):
 
 def test_predict_and_evaluate_see_the_same_images(tmp_path):
     """Same preprocessing (RGBA compositing, resize, normalisation), same temperature, same threshold."""
-    best = make_best(tmp_path / "best", ["anemic", "non-anemic"], threshold=0.47, temperature=2.0)
+    best = make_best(tmp_path / BEST, ["anemic", "non-anemic"], threshold=0.47, temperature=2.0)
     manifest = make_manifest(tmp_path / "data", {"anemic": 6, "non-anemic": 5})
     record = evaluate(
         best, manifest, ["data.num_workers=0", "eval.bootstrap=100"], batch_size=4, report_dir=tmp_path / "rep"
     )
-    evaluated = {r["path"]: r for r in read_csv(tmp_path / "rep" / "predictions.csv")}
+    evaluated = {r["path"]: r for r in read_csv(tmp_path / "rep" / PREDICTIONS)}
     predicted = predict(best, [tmp_path / "data"], batch_size=3, num_workers=0)
     assert len(predicted) == len(evaluated) == record["n"] == 11
     for row in predicted:
@@ -91,7 +70,7 @@ def test_predict_and_evaluate_see_the_same_images(tmp_path):
 
 
 def test_evaluate_record_has_every_metric_with_an_interval(tmp_path):
-    best = make_best(tmp_path / "best", ["anemic", "non-anemic"])
+    best = make_best(tmp_path / BEST, ["anemic", "non-anemic"])
     manifest = make_manifest(tmp_path / "data", {"anemic": 8, "non-anemic": 8}, per_group=2)
     out = tmp_path / "eval" / "test.json"
     assert (
@@ -119,11 +98,11 @@ def test_evaluate_record_has_every_metric_with_an_interval(tmp_path):
     assert record["ci"]["sensitivity"]["method"] == "bootstrap over patients"
     cm = record["confusion_matrix"]
     assert sum(cm.values()) == 16 and cm["true_positive"] + cm["false_negative"] == 8
-    assert Path(record["report"]) == tmp_path / "eval" / "test_report" / "report.html"
+    assert Path(record["report"]) == tmp_path / "eval" / "test_report" / REPORT_PAGE
 
 
 def test_evaluate_refuses_to_retune_the_operating_point(tmp_path, capsys):
-    best = make_best(tmp_path / "best", ["anemic", "non-anemic"])
+    best = make_best(tmp_path / BEST, ["anemic", "non-anemic"])
     folder = make_image_folder(tmp_path / "data", {"anemic": 2, "non-anemic": 2})
     with pytest.raises(ConfigError, match="eval.threshold_rule: evaluate takes only data"):
         evaluate(best, folder, ["eval.threshold_rule=youden"])
@@ -132,49 +111,17 @@ def test_evaluate_refuses_to_retune_the_operating_point(tmp_path, capsys):
 
 
 def test_evaluate_without_a_saved_threshold_is_a_clear_error(tmp_path):
-    best = make_best(tmp_path / "best", ["anemic", "non-anemic"])
-    meta = json.loads((best / "meta.json").read_text())
+    best = make_best(tmp_path / BEST, ["anemic", "non-anemic"])
+    meta = json.loads((best / META).read_text())
     del meta["threshold"]
-    (best / "meta.json").write_text(json.dumps(meta))
+    (best / META).write_text(json.dumps(meta))
     folder = make_image_folder(tmp_path / "data", {"anemic": 2, "non-anemic": 2})
     with pytest.raises(ConfigError, match="meta.json has no threshold"):
         evaluate(best, folder)
 
 
-@pytest.mark.multiprocess
-def test_evaluate_on_two_processes_gives_the_one_process_numbers(tmp_path):
-    """13 + 10 images in batches of 4 on 2 ranks: the sampler pads the last batch; patients have 2 images."""
-    best = make_best(tmp_path / "best", ["anemic", "non-anemic"])
-    manifest = make_manifest(tmp_path / "data", {"anemic": 13, "non-anemic": 10}, per_group=2)
-    records = {}
-    for processes in (1, 2):
-        out = tmp_path / f"eval{processes}.json"
-        args = [
-            "-m",
-            "anemia_dist",
-            "evaluate",
-            "--checkpoint",
-            str(best),
-            "--data",
-            str(manifest),
-            "--out",
-            str(out),
-            "--batch-size",
-            "4",
-            "data.num_workers=0",
-            "eval.bootstrap=300",
-        ]
-        assert f"{processes} process(es)" in check(launch(args, num_processes=processes)).stdout
-        records[processes] = json.loads(out.read_text())
-        records[processes].pop("report")
-    assert records[1]["n"] == records[2]["n"] == 23
-    assert records[2] == records[1]
-    one, two = (read_csv(tmp_path / f"eval{p}_report" / "predictions.csv") for p in (1, 2))
-    assert one == two
-
-
 def test_evaluate_on_cp_anemic(tmp_path, cp_anemic):
-    best = make_best(tmp_path / "best", ["Anemic", "Non-anemic"])
+    best = make_best(tmp_path / BEST, ["Anemic", "Non-anemic"])
     record = evaluate(
         best,
         cp_anemic,
@@ -190,13 +137,13 @@ def test_evaluate_on_cp_anemic(tmp_path, cp_anemic):
     assert (
         record["auroc"] is not None and record["ci"]["auroc"]["low"] <= record["auroc"] <= record["ci"]["auroc"]["high"]
     )
-    assert (tmp_path / "report" / "report.html").is_file()
+    assert (tmp_path / "report" / REPORT_PAGE).is_file()
 
 
 def test_evaluate_reads_the_decoded_images_a_training_run_stored_in_cache_dir(tmp_path, monkeypatch):
     from anemia_dist import datasets
 
-    best = make_best(tmp_path / "best", ["anemic", "non-anemic"])
+    best = make_best(tmp_path / BEST, ["anemic", "non-anemic"])
     folder = make_image_folder(tmp_path / "images", {"anemic": 5, "non-anemic": 4})
     store = tmp_path / "cache"
     paths = sorted(str(p) for p in folder.rglob("*.png"))

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import yaml
+from helpers import ROOT
 
 from anemia_dist.config import Config, load_config, packaged_config
 from anemia_dist.errors import ConfigError
@@ -87,9 +90,24 @@ def _dotted_keys(obj, prefix=""):
 
 
 def test_config_reference_lists_every_key_and_the_readme_links_it():
-    from conftest import ROOT
-
     reference = (ROOT / "docs" / "configuration.md").read_text()
     missing = [key for key in _dotted_keys(Config()) if f"`{key}`" not in reference]
     assert not missing, f"document these keys in docs/configuration.md: {missing}"
     assert "(docs/configuration.md)" in (ROOT / "README.md").read_text()
+
+
+def test_the_old_unfreeze_epoch_key_still_works_with_a_warning_naming_the_new_one(tmp_path):
+    with pytest.warns(FutureWarning, match=r"unfreeze.epoch is now called unfreeze.head_only_epochs"):
+        assert load_config(None, ["unfreeze.epoch=2"]).unfreeze.head_only_epochs == 2
+    old_file = tmp_path / "old.yaml"
+    old_file.write_text("unfreeze:\n  epoch: 3\n")
+    with pytest.warns(FutureWarning, match="unfreeze.head_only_epochs=3"):
+        assert load_config(old_file).unfreeze.head_only_epochs == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the new key: no warning
+        assert load_config(None, ["unfreeze.head_only_epochs=4"]).unfreeze.head_only_epochs == 4
+
+
+def test_the_old_and_the_new_unfreeze_key_together_are_an_error():
+    with pytest.raises(ConfigError, match=r"^unfreeze.epoch: is the old name of unfreeze.head_only_epochs"):
+        load_config(None, ["unfreeze.epoch=2", "unfreeze.head_only_epochs=3"])

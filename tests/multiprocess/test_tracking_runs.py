@@ -1,12 +1,11 @@
-"""W&B tracking: settings, the offline fallback, and what a real 2-rank offline run writes, read
-back from its ``.wandb`` file with wandb's own protobuf records."""
+"""W&B in real runs: the offline fallback of a one-process run, and what a real 2-rank offline
+run writes, read back from its ``.wandb`` file with wandb's own protobuf records."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -15,59 +14,14 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from conftest import ROOT, TINY, check, launch, make_image_folder
+from helpers import ROOT, TINY, check, launch, make_image_folder
 from wandb_records import config, history, read_records, run_id, summary
 
-from anemia_dist import tracking
-from anemia_dist.config import load_config
-from anemia_dist.errors import ConfigError
-from anemia_dist.run_dir import read_metrics
+from anemia_dist.run_dir import CHECKPOINT_INFO, CHECKPOINTS, CONFIG, SUMMARY, read_metrics
+
+pytestmark = pytest.mark.multiprocess
 
 FALLBACK = "W&B online logging unavailable"
-
-
-def test_tracking_settings_accept_yaml_off_and_name_the_key_on_bad_values():
-    assert load_config(None, ["tracking.wandb=off"]).tracking.wandb == "off"  # YAML reads off as false
-    cfg = load_config(None, ["tracking.wandb=offline", "tracking.tags=[fold0, resnet50]", "tracking.entity=lab"])
-    assert (cfg.tracking.wandb, cfg.tracking.tags, cfg.tracking.entity) == ("offline", ["fold0", "resnet50"], "lab")
-    for override, key in [
-        ("tracking.wandb=on", "tracking.wandb"),
-        ("tracking.wandb=cloud", "tracking.wandb"),
-        ("tracking.project=team/anemia", "tracking.project"),
-        ("tracking.tags=['']", "tracking.tags[0]"),
-    ]:
-        with pytest.raises(ConfigError, match=f"^{re.escape(key)}: "):
-            load_config(None, [override])
-
-
-def test_init_kwargs_continue_the_saved_run_and_respect_wandb_environment(monkeypatch):
-    cfg = load_config(
-        None, ["tracking.wandb=online", "run.output_dir=/scratch/runs", "run.name=fold0", "tracking.tags=[a]"]
-    )
-    monkeypatch.delenv("WANDB_DIR", raising=False)
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    fresh = tracking.wandb_init_kwargs(cfg, None, "online")["wandb"]
-    assert fresh["id"] is None and fresh["resume"] is None
-    assert (fresh["name"], fresh["tags"], fresh["dir"]) == ("fold0", ["a"], "/scratch/runs/fold0")
-    resumed = tracking.wandb_init_kwargs(cfg, "abc123", "online")["wandb"]
-    assert resumed["id"] == "abc123" and resumed["resume"] == "allow"
-    assert tracking.wandb_mode(cfg.tracking) == "online"
-
-    monkeypatch.setenv("WANDB_MODE", "offline")  # a compute node's setting wins over the config
-    monkeypatch.setenv("WANDB_DIR", "/scratch/wandb")
-    assert tracking.wandb_mode(cfg.tracking) == "offline"
-    assert "dir" not in tracking.wandb_init_kwargs(cfg, None, "offline")["wandb"]
-    assert tracking.log_with(load_config(None, []).tracking) is None
-
-
-def test_unreachable_server_is_named_within_seconds():
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen()
-        port = server.getsockname()[1]
-        assert tracking.unreachable(f"http://127.0.0.1:{port}") is None
-    problem = tracking.unreachable(f"http://127.0.0.1:{port}")
-    assert problem is not None and f"http://127.0.0.1:{port}" in problem
 
 
 @pytest.fixture
@@ -140,8 +94,8 @@ def offline_run(tmp_path_factory):
     env = {"WANDB_MODE": "offline", "WANDB_DIR": str(root)}
     run_dir = root / "runs" / "tracked"
     first = check(launch([*args, "train.epochs=3"], env=env))
-    first_runs, first_summary = wandb_runs(root), json.loads((run_dir / "summary.json").read_text())
-    first_config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    first_runs, first_summary = wandb_runs(root), json.loads((run_dir / SUMMARY).read_text())
+    first_config = yaml.safe_load((run_dir / CONFIG).read_text())
     check(launch([*args, "train.epochs=4", "run.resume=auto"], env=env))
     return SimpleNamespace(
         root=root,
@@ -159,7 +113,6 @@ def values_equal(logged, expected) -> bool:
     return logged == pytest.approx(expected, rel=1e-12)
 
 
-@pytest.mark.multiprocess
 def test_two_rank_offline_run_logs_exactly_what_metrics_jsonl_holds(offline_run):
     assert FALLBACK not in offline_run.first.stderr  # WANDB_MODE=offline: no attempt to go online
     runs = offline_run.first_runs
@@ -190,7 +143,6 @@ def test_two_rank_offline_run_logs_exactly_what_metrics_jsonl_holds(offline_run)
     assert outcome["stop_reason"] == "max_epochs" and outcome["unfreeze_epoch"] == 2
 
 
-@pytest.mark.multiprocess
 def test_resumed_run_continues_the_same_wandb_run_from_the_next_epoch(offline_run):
     root, first_runs = offline_run.root, offline_run.first_runs
     runs = wandb_runs(root)
@@ -199,8 +151,8 @@ def test_resumed_run_continues_the_same_wandb_run_from_the_next_epoch(offline_ru
     first_records = read_records(next(first_runs[0].glob("run-*.wandb")))
     second_records = read_records(next(second.glob("run-*.wandb")))
     assert run_id(second_records) == run_id(first_records)
-    checkpoints = sorted((root / "runs" / "tracked" / "checkpoints").glob("epoch-*"))
-    saved = json.loads((checkpoints[-1] / "checkpoint.json").read_text())["progress"]["tracker_run_id"]
+    checkpoints = sorted((root / "runs" / "tracked" / CHECKPOINTS).glob("epoch-*"))
+    saved = json.loads((checkpoints[-1] / CHECKPOINT_INFO).read_text())["progress"]["tracker_run_id"]
     assert saved == run_id(first_records)
     assert [row["_step"] for row in history(second_records)] == [4]
     assert [row["epoch"] for row in read_metrics(root / "runs" / "tracked")] == [1, 2, 3, 4]

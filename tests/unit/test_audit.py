@@ -3,43 +3,18 @@
 from __future__ import annotations
 
 import csv
-import io
 import json
 import shutil
 from pathlib import Path
 
 import numpy as np
-from conftest import make_image_folder
+from helpers import BAD, add_bad_files, encoded, make_image_folder
 from PIL import Image
 
 from anemia_dist.audit import AuditReport, audit_data, near_pairs
 from anemia_dist.cli import main
 from anemia_dist.config import DataConfig
-
-BAD = {
-    "empty.png": "empty",
-    "cut.png": "truncated",
-    "cut.jpg": "truncated",
-    "notes.jpg": "not_image",
-    "tiny.png": "too_small",
-}
-
-
-def encoded(image: Image.Image, fmt: str, **options) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **options)
-    return buffer.getvalue()
-
-
-def add_bad_files(root: Path) -> None:
-    """One file of each kind in :data:`BAD`, spread over the class folders of ``root``."""
-    picture = Image.fromarray(np.random.default_rng(7).integers(0, 255, (40, 40, 3), dtype=np.uint8))
-    png, jpg = encoded(picture, "PNG"), encoded(picture, "JPEG")
-    (root / "anemic" / "empty.png").write_bytes(b"")
-    (root / "anemic" / "cut.png").write_bytes(png[: len(png) // 2])
-    (root / "non-anemic" / "cut.jpg").write_bytes(jpg[: len(jpg) * 2 // 3])
-    (root / "non-anemic" / "notes.jpg").write_text("haemoglobin 9.8 g/dL, left eye\n")
-    Image.new("RGB", (8, 8), (200, 60, 60)).save(root / "anemic" / "tiny.png")
+from anemia_dist.run_dir import AUDIT_CSV, AUDIT_JSON
 
 
 def smooth_picture(seed: int, size: int = 64) -> Image.Image:
@@ -128,14 +103,14 @@ def test_report_lists_every_finding_with_its_path_and_the_counts(tmp_path):
     add_bad_files(root)
     shutil.copy(root / "anemic" / "img_000.png", root / "non-anemic" / "copy.png")
     audit(root).write(tmp_path / "report")
-    with (tmp_path / "report" / "audit.csv").open() as handle:
+    with (tmp_path / "report" / AUDIT_CSV).open() as handle:
         rows = list(csv.DictReader(handle))
     found = {(r["kind"], Path(r["path"]).name) for r in rows}
     assert {(kind, name) for name, kind in BAD.items()} <= found
     assert {("exact_duplicate", "img_000.png"), ("exact_duplicate", "copy.png")} <= found
     assert {("conflicting_labels", "img_000.png"), ("conflicting_labels", "copy.png")} <= found
     assert all(Path(r["path"]).exists() for r in rows)
-    counts = json.loads((tmp_path / "report" / "audit.json").read_text())
+    counts = json.loads((tmp_path / "report" / AUDIT_JSON).read_text())
     assert counts["class_counts"] == {"anemic": 7, "non-anemic": 7} and counts["bad_files"] == 5
     assert counts["bad_by_kind"] == {"empty": 1, "not_image": 1, "too_small": 1, "truncated": 2}
 
@@ -143,7 +118,7 @@ def test_report_lists_every_finding_with_its_path_and_the_counts(tmp_path):
 def test_audit_data_command_writes_the_report_and_fails_only_when_training_would_stop(tmp_path, capsys):
     root = make_image_folder(tmp_path / "data", {"anemic": 4, "non-anemic": 4})
     assert main(["audit-data", f"data.root={root}", "--out", str(tmp_path / "clean")]) == 0
-    assert (tmp_path / "clean" / "audit.csv").is_file()
+    assert (tmp_path / "clean" / AUDIT_CSV).is_file()
     add_bad_files(root)
     assert main(["audit-data", f"data.root={root}", "--out", str(tmp_path / "bad")]) == 1
     err = capsys.readouterr().err

@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TINY, check, launch, make_image_folder
+from helpers import ROOT, TINY, check, launch, make_image_folder, script
 
-from anemia_dist.run_dir import read_metrics
+from anemia_dist.run_dir import CHECKPOINTS, WEIGHTS, read_metrics
 
 pytestmark = pytest.mark.multiprocess
 
@@ -29,7 +29,7 @@ def test_validation_loss_on_two_ranks_equals_one_process(tmp_path):
     for world in (1, 2):
         out = tmp_path / f"world{world}"
         out.mkdir()
-        check(launch([str(ROOT / "tests" / "val_loss_probe.py"), str(out), "--", *overrides], num_processes=world))
+        check(launch([script("val_loss_probe.py"), str(out), "--", *overrides], num_processes=world))
         ranks = read_ranks(out, world)
         assert all(r["n"] == 13 for r in ranks), "every validation image counted exactly once"
         assert len({r["val_loss"] for r in ranks}) == 1, "identical on every rank"
@@ -87,7 +87,7 @@ def spy_run(tmp_path: Path, data: Path, *flags: str) -> list[dict]:
         "early_stopping.patience=2",
         "train.epochs=8",
     ]
-    check(launch([str(ROOT / "tests" / "rank_spy.py"), str(out), *flags, "--", *overrides]))
+    check(launch([script("rank_spy.py"), str(out), *flags, "--", *overrides]))
     return read_ranks(out, 2)
 
 
@@ -111,8 +111,8 @@ def test_two_ranks_agree_on_every_decision_and_only_rank0_writes(tmp_path):
     # assembled; apart from that, rank 1 writes nothing.
     own_rng_state = re.compile(r".*/checkpoints/\.tmp-epoch-\d+(/random_states_1\.pkl)?$")
     assert [w for w in rank1["writes"] if not own_rng_state.match(w.split(":", 1)[1])] == []
-    last = tmp_path / "runs" / "spy" / "checkpoints" / f"epoch-{rank0['summary']['epochs_run']:04d}"
-    assert (last / "random_states_1.pkl").is_file() and (last / "model.safetensors").is_file()
+    last = tmp_path / "runs" / "spy" / CHECKPOINTS / f"epoch-{rank0['summary']['epochs_run']:04d}"
+    assert (last / "random_states_1.pkl").is_file() and (last / WEIGHTS).is_file()
     assert any("metrics.jsonl" in w for w in rank0["writes"])
 
 

@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TINY, free_port, make_image_folder
+from helpers import ROOT, TINY, free_port, make_image_folder
 
 from anemia_dist.preemption import PREEMPTED_EXIT_CODE
-from anemia_dist.run_dir import read_metrics
+from anemia_dist.run_dir import BEST, SUMMARY, WEIGHTS, read_metrics
 
 SLURM = ROOT / "slurm"
 SCRIPTS = [SLURM / name for name in ("lib.sh", "node_launch.sh", "local_cluster.sh")] + sorted(SLURM.glob("*.sbatch"))
@@ -138,10 +138,10 @@ def test_single_node_job_trains_on_two_ranks_into_a_run_directory_named_after_th
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", output[-5000:]
     assert f"job {job} SLURM_RESTART_COUNT=0" in output
     run_dir = tmp_path / "runs" / f"slurm-{job}"
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = json.loads((run_dir / SUMMARY).read_text())
     assert summary["world_size"] == 2 and summary["epochs_run"] == 2
     assert [row["epoch"] for row in read_metrics(run_dir)] == [1, 2]
-    assert (run_dir / "best" / "model.safetensors").is_file()
+    assert (run_dir / BEST / WEIGHTS).is_file()
     assert epochs_printed(output) == [1, 2]
 
 
@@ -159,7 +159,7 @@ def test_multi_node_script_starts_one_launcher_per_node_with_its_machine_rank(sl
     output = output_of(tmp_path, job, "anemia-dist-multinode")
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", output[-5000:]
     assert "1 node(s) x 2 process(es)" in output
-    summary = json.loads((tmp_path / "runs" / f"slurm-{job}" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "runs" / f"slurm-{job}" / SUMMARY).read_text())
     assert summary["world_size"] == 2
 
 
@@ -192,4 +192,4 @@ def test_signalled_job_checkpoints_requeues_itself_and_resumes_to_the_end(slurm_
     assert before and after and after[0] > 1, output[-5000:]
     assert before + after == list(range(1, epochs + 1))
     assert [row["epoch"] for row in read_metrics(run_dir)] == list(range(1, epochs + 1))
-    assert json.loads((run_dir / "summary.json").read_text())["best_epoch"] is not None
+    assert json.loads((run_dir / SUMMARY).read_text())["best_epoch"] is not None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import make_image_folder, write_csv
+from helpers import make_image_folder, write_csv
 
 from anemia_dist.config import DataConfig, load_config
 from anemia_dist.errors import ConfigError, DataError

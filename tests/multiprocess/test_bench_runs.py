@@ -1,4 +1,5 @@
-"""``anemia-dist bench`` and the training-speed habits it measures."""
+"""``anemia-dist bench`` run for real, and the training-speed habits measured in real training:
+compiling (alone and under DDP), and steps that neither wait for nor copy to the device."""
 
 from __future__ import annotations
 
@@ -11,31 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import ROOT, TINY, check, launch, make_image_folder
-from PIL import Image
+from helpers import ROOT, TINY, TINY_BENCH, check, launch, make_image_folder, phase_step
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from anemia_dist.bench import make_photos
-from anemia_dist.bench import run_bench as run_bench_in_process
-from anemia_dist.cli import build_parser
 from anemia_dist.config import ModelConfig
-from anemia_dist.model import build_model, freeze_backbone, optimizer_param_groups, set_train_mode, unfreeze
+from anemia_dist.model import build_model, freeze_backbone, optimizer_param_groups, unfreeze
 
-TINY_BENCH = [
-    "--arch",
-    "resnet18",
-    "--image-size",
-    "32",
-    "--batch-size",
-    "4",
-    "--seconds",
-    "0",
-    "--steps",
-    "1",
-    "--e2e-steps",
-    "1",
-]
+pytestmark = pytest.mark.multiprocess
 
 
 def run_bench(tmp_path, *args: str) -> tuple[str, dict]:
@@ -50,13 +33,6 @@ def run_bench(tmp_path, *args: str) -> tuple[str, dict]:
         )
     )
     return result.stdout, json.loads(output.read_text())
-
-
-def test_generated_photos_are_jpegs_of_the_requested_size(tmp_path):
-    samples = make_photos(tmp_path, 2, (640, 480), seed=0)
-    for sample in samples:
-        with Image.open(sample.path) as image:
-            assert (image.format, image.size) == ("JPEG", (640, 480))
 
 
 def test_bench_compares_both_pipelines_and_both_phases_in_one_run(tmp_path):
@@ -74,40 +50,6 @@ def test_bench_compares_both_pipelines_and_both_phases_in_one_run(tmp_path):
     assert results["config"]["workers"] == 0 and results["machine"]["device"] == "cpu"
     for words in ("PIL", "cached", "forward only", "phase 1 train", "phase 2 train", "end-to-end"):
         assert words in stdout
-
-
-def test_bench_on_given_images_uses_them_as_one_set(tmp_path):
-    folder = make_image_folder(tmp_path / "mine", {"a": 3, "b": 2})
-    args = build_parser().parse_args(["bench", *TINY_BENCH, "--data", str(folder), "--e2e-steps", "0"])
-    results = run_bench_in_process(args)
-    assert [(r["set"], r["images"]) for r in results["data"]] == [("mine", 5)]
-    assert results["end_to_end"] == []
-
-
-def phase_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    set_train_mode(model)
-    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 0, 1])
-    F.cross_entropy(model(images), labels).backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
-def test_phase_one_builds_no_autograd_graph_through_the_frozen_backbone():
-    # Frozen weights and an input without grad: autograd records nothing before the head, so the
-    # backbone's activations are freed as it goes; after the unfreeze the graph starts at layer4.
-    model = build_model(ModelConfig(arch="resnet18", weights="none", hidden=16), 2)
-    freeze_backbone(model)
-    optimizer = torch.optim.Adam(optimizer_param_groups(model, ["layer4"]), lr=1e-3)
-    seen: dict[str, bool] = {}
-    for name in ("layer3", "layer4"):
-        getattr(model, name).register_forward_hook(
-            lambda m, i, out, name=name: seen.__setitem__(name, out.requires_grad)
-        )
-    phase_step(model, optimizer)
-    assert seen == {"layer3": False, "layer4": False}
-    unfreeze(model, ["layer4"])
-    phase_step(model, optimizer)
-    assert seen == {"layer3": False, "layer4": True}
 
 
 def test_compiled_model_trains_layer4_after_the_unfreeze():
@@ -150,7 +92,6 @@ COMPILE_SPY = textwrap.dedent("""
 """)
 
 
-@pytest.mark.multiprocess
 def test_compiled_model_under_ddp_keeps_layer4_identical_on_both_ranks_after_the_unfreeze(tmp_path):
     spy = tmp_path / "compile_spy.py"
     spy.write_text(COMPILE_SPY)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter, defaultdict
 from pathlib import Path
+
+import pytest
 
 from anemia_dist.audit import audit_data
 from anemia_dist.config import load_config
@@ -14,6 +17,24 @@ def cp_config(cp_anemic: Path, *overrides: str):
     return load_config(
         "cp_anemic", [f"data.manifest={cp_anemic / 'Anemia_Data_Collection_Sheet.csv'}", *overrides]
     ).data
+
+
+@pytest.fixture
+def audit_once(monkeypatch):
+    """The folds differ only in data.fold, and each would audit the same 615 files again: audit
+    them once per setting and let every fold split that one audit."""
+    from anemia_dist import splits
+
+    real, done = splits.audit_data, {}
+
+    def audited(cfg):
+        key = repr(dataclasses.replace(cfg, fold=0))
+        if key not in done:
+            done[key] = real(cfg)
+        return done[key]
+
+    monkeypatch.setattr(splits, "audit_data", audited)
+    return done
 
 
 def names(report, group) -> set[str]:
@@ -36,7 +57,7 @@ def test_labels_from_hb_below_11_match_the_class_folders(cp_anemic):
     assert [Path(c.path).parent.name for c in report.checks] == report.labels
 
 
-def test_no_duplicate_group_spans_two_splits_in_any_fold(cp_anemic):
+def test_no_duplicate_group_spans_two_splits_in_any_fold(cp_anemic, audit_once):
     seen = Counter()
     for fold in range(5):
         split = build_split(cp_config(cp_anemic, f"data.fold={fold}"), seed=42)
@@ -46,9 +67,10 @@ def test_no_duplicate_group_spans_two_splits_in_any_fold(cp_anemic):
             assert len({side[report.checks[i].path] for i in group}) == 1, names(report, group)
         seen.update(s.path for s in split.val)
     assert len(seen) == 615 and set(seen.values()) == {1}, "the 5 validation folds partition the data"
+    assert len(audit_once) == 1, "one audit served the five folds"
 
 
-def test_site_held_out_folds_keep_one_copy_and_hold_out_whole_hospitals(cp_anemic):
+def test_site_held_out_folds_keep_one_copy_and_hold_out_whole_hospitals(cp_anemic, audit_once):
     held_out = defaultdict(list)
     for fold in range(5):
         split = build_split(
@@ -59,3 +81,4 @@ def test_site_held_out_folds_keep_one_copy_and_hold_out_whole_hospitals(cp_anemi
             held_out[site].append(fold)
         assert Counter(e.reason for e in split.excluded) == {"duplicate_copy": 188, "conflicting_labels": 2}
     assert len(held_out) == 9 and all(len(folds) == 1 for folds in held_out.values())
+    assert len(audit_once) == 1, "one audit served the five folds"

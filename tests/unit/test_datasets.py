@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, check, launch, make_image_folder
+from helpers import TINY, make_image_folder
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -208,26 +207,3 @@ def test_pil_pipeline_keeps_the_per_image_pil_datasets(tmp_path):
     images, _ = next(iter(train))
     assert images.dtype == torch.float32 and images.shape[1:] == (3, 32, 32)
     assert torch.equal(device_transform(train)(images), images)
-
-
-@pytest.mark.multiprocess
-def test_two_ranks_share_the_disk_cache_the_main_process_wrote(tmp_path):
-    data = make_image_folder(tmp_path / "data", {"anemic": 6, "non-anemic": 8})
-    store = tmp_path / "cache"
-    args = [
-        "-m",
-        "anemia_dist",
-        "train",
-        *TINY,
-        f"data.root={data}",
-        f"data.cache_dir={store}",
-        f"run.output_dir={tmp_path / 'runs'}",
-        "train.epochs=1",
-    ]
-    first = check(launch([*args, "run.name=first"]))
-    assert "14 decoded, 0 read from" in first.stdout
-    assert len(list(store.glob("*.npy"))) == 14 and not list(store.glob(".*"))
-    second = check(launch([*args, "run.name=second"]))
-    assert "0 decoded, 14 read from" in second.stdout
-    summary = json.loads((tmp_path / "runs" / "second" / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["epochs_run"] == 1
