@@ -104,13 +104,15 @@ def train(cfg: Config) -> dict[str, Any]:
     loaders = make_loaders(cfg, split, pin_memory=accelerator.device.type == "cuda")
     model = build_model(cfg.model, len(split.classes))
     freeze_backbone(model)  # phase 1, the head alone: before DDP wraps the model, as DDP syncs what trains now
-    t = prepare_training(cfg, accelerator, model, loaders, split)
+    training = prepare_training(cfg, accelerator, model, loaders, split)
     set_seed(cfg.train.seed, device_specific=True)  # own augmentation and dropout streams per rank
     stopper = EarlyStopping(cfg.early_stopping.patience, cfg.early_stopping.min_delta)
     progress = TrainingProgress()
     checkpointer.track(stopper, progress)
     if resume_from is not None:
-        t.model = checkpointer.restore(resume_from, t.model, lambda m: unfreeze_stages(accelerator, m, cfg))
+        training.model = checkpointer.restore(
+            resume_from, training.model, lambda m: unfreeze_stages(accelerator, m, cfg)
+        )
         logger.info(f"resumed from {resume_from} (epoch {progress.epoch}, step {progress.step})")
     rows = broadcast_from_main(run.keep_metrics_through(progress.epoch))
     progress.tracker_run_id = tracking.start(accelerator, cfg, progress.tracker_run_id)
@@ -122,22 +124,22 @@ def train(cfg: Config) -> dict[str, Any]:
     try:
         for epoch in range(progress.epoch + 1, cfg.train.epochs + 1):
             if should_unfreeze(cfg.unfreeze, epoch, stopper, progress.unfrozen):
-                t.model = unfreeze_stages(accelerator, t.model, cfg)
+                training.model = unfreeze_stages(accelerator, training.model, cfg)
                 progress.unfrozen = True
                 logger.info(f"epoch {epoch}: unfreezing {cfg.unfreeze.layers}")
-            lrs = [group["lr"] for group in t.optimizer.param_groups]
-            trained = train_one_epoch(accelerator, t, epoch, watcher, progress)
+            lrs = [group["lr"] for group in training.optimizer.param_groups]
+            trained = train_one_epoch(accelerator, training, epoch, watcher, progress)
             if trained.preempted:
                 progress.pause(trained.steps, trained.totals, trained.seconds)
                 exit_preempted(accelerator, run, checkpointer.save(progress, stopper.best_epoch))
-            val = validate(accelerator, t.model, t.val_loader, t.class_weights)
+            val = validate(accelerator, training.model, training.val_loader, training.class_weights)
             point, screening = screening_metrics(val.labels, val.probs, split.classes, cfg.eval)
-            t.scheduler.step(val.loss)
+            training.scheduler.step(val.loss)
             improved = stopper.update(val.loss, epoch)
             if improved:
                 best = BestEpoch(val, point)
-                checkpointer.save_best(t.model, epoch, val.loss, val.accuracy, point)
-            row = metrics_row(accelerator, t, epoch, trained, val, screening, lrs)
+                checkpointer.save_best(training.model, epoch, val.loss, val.accuracy, point)
+            row = metrics_row(accelerator, training, epoch, trained, val, screening, lrs)
             record_epoch(accelerator, run, rows, row, improved)
             progress.complete(epoch)
             saved = checkpointer.save(progress, stopper.best_epoch)
@@ -278,15 +280,15 @@ def training_step(
 
 
 def train_one_epoch(
-    accelerator: Accelerator, t: Training, epoch: int, watcher: PreemptionWatcher, progress: TrainingProgress
+    accelerator: Accelerator, training: Training, epoch: int, watcher: PreemptionWatcher, progress: TrainingProgress
 ) -> EpochResult:
     """One pass over the training data, or the rest of it after a mid-epoch preemption checkpoint."""
     started = time.perf_counter()
-    set_train_mode(accelerator.unwrap_model(t.model))
+    set_train_mode(accelerator.unwrap_model(training.model))
     totals = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # Totals, kept on the device
     if accelerator.is_main_process:  # the resumed part of the epoch, counted once globally
         totals += progress.partial.to_tensor(totals.device)
-    loader = t.train_loader
+    loader = training.train_loader
     loader.set_epoch(epoch)  # the shuffle order depends on the epoch only, also after a resume
     batches = accelerator.skip_first_batches(loader, progress.step) if progress.step else loader
     bar = progress_bar(accelerator, batches, f"epoch {epoch} train", initial=progress.step, total=len(loader))
@@ -294,9 +296,9 @@ def train_one_epoch(
     steps, preempted = progress.step, False
     for step, (images, labels) in enumerate(bar):
         logits, loss = training_step(
-            t.model, t.optimizer, transform(images), labels, t.class_weights, accelerator.backward
+            training.model, training.optimizer, transform(images), labels, training.class_weights, accelerator.backward
         )
-        totals += batch_totals(logits, labels, t.class_weights)
+        totals += batch_totals(logits, labels, training.class_weights)
         if step % 20 == 0:  # .item() waits for the device; every step would stall the pipeline
             bar.set_postfix(loss=f"{loss.item():.4f}")
         steps += 1
@@ -310,7 +312,7 @@ def train_one_epoch(
 
 def metrics_row(
     accelerator: Accelerator,
-    t: Training,
+    training: Training,
     epoch: int,
     trained: EpochResult,
     val: ValidationResult,
@@ -326,8 +328,8 @@ def metrics_row(
         "val_acc": val.accuracy,
         **{f"val_{name}": value for name, value in screening.items()},
         "lr": lrs,
-        "lr_groups": [group["name"] for group in t.optimizer.param_groups],
-        "unfrozen": trainable_stages(accelerator.unwrap_model(t.model)),
+        "lr_groups": [group["name"] for group in training.optimizer.param_groups],
+        "unfrozen": trainable_stages(accelerator.unwrap_model(training.model)),
         "world_size": accelerator.num_processes,
         "epoch_seconds": time.perf_counter() - trained.started,
         "train_images_per_second": trained.totals.seen / trained.seconds,

@@ -1,4 +1,5 @@
-"""The methodology's image transforms: random only for training."""
+"""The PIL pipeline's transforms: the methodology's augmentation per image (random only for training),
+and the ImageNet normalisation both pipelines use."""
 
 from __future__ import annotations
 
