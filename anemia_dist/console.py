@@ -15,6 +15,8 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 PACKAGE = "anemia_dist"
+MAIN_PROCESS_PREFIX = "[RANK 0] "
+"""What accelerate's logger puts before every message of the main process."""
 
 
 class _ConsoleHandler(logging.StreamHandler):
@@ -27,13 +29,22 @@ class _ConsoleHandler(logging.StreamHandler):
         super().emit(record)
 
 
+class _MessageFormatter(logging.Formatter):
+    """The message alone. accelerate's logger prefixes each message with ``[RANK n]``; the main
+    process's lines (every line, unless a call passes ``main_process_only=False``) go out as
+    written, so ``grep '^epoch'`` on a log keeps working; the other ranks keep their prefix."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record).removeprefix(MAIN_PROCESS_PREFIX)
+
+
 def configure_logging(level: int = logging.INFO) -> None:
     """Plain lines (the message only) from every ``anemia_dist`` logger; calling it again changes nothing."""
     logger = logging.getLogger(PACKAGE)
     logger.setLevel(level)
     if not any(isinstance(handler, _ConsoleHandler) for handler in logger.handlers):
         handler = _ConsoleHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.setFormatter(_MessageFormatter("%(message)s"))
         logger.addHandler(handler)
         logger.propagate = False
 
