@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared by the SLURM scripts (sourced, not run).
 
 # Exit status of a training that saved a checkpoint on a preemption signal; the batch scripts

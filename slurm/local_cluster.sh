@@ -32,7 +32,9 @@ case ${1:-} in
         COMMAND=up
         shift
         if [[ ${1:-} == --nodes ]]; then
-            [[ ${2:-} =~ ^[0-9]+$ ]] && ((${2} >= 1 && ${2} <= 50)) || die "--nodes takes a number from 1 to 50"
+            if ! [[ ${2:-} =~ ^[0-9]+$ ]] || ((${2} < 1 || ${2} > 50)); then
+                die "--nodes takes a number from 1 to 50"
+            fi
             ((${2} > 1)) && NODES=$2
             shift 2
         fi
