@@ -20,8 +20,9 @@
 # started with `nsenter --net` (`ip netns exec` remounts /sys, and slurmd then finds no cgroup
 # file system). The names (namespaces anemia-dist-ID-nodeI, bridge adbrID, host-side veths adIDnI)
 # derive from STATE_DIR's path, and the /24 (10.x.y.0) is chosen not to overlap any route on the
-# machine, so clusters in different STATE_DIRs run side by side; STATE_DIR/network.env records
-# them. Nothing else on the network is touched: no route, no firewall rule, no /etc/hosts entry.
+# machine (chosen under the lock file /run/lock/anemia-dist-local-cluster.lock, which all such
+# clusters share), so clusters in different STATE_DIRs run side by side; STATE_DIR/network.env
+# records them. Nothing else on the network is touched: no route, no firewall rule, no /etc/hosts.
 set -euo pipefail
 
 die() { echo "local_cluster.sh: $*" >&2; exit 1; }
