@@ -302,7 +302,7 @@ def train_one_epoch(
         if step % 20 == 0:  # .item() waits for the device; every step would stall the pipeline
             bar.set_postfix(loss=f"{loss.item():.4f}")
         steps += 1
-        if steps < len(loader) and watcher.agreed():
+        if steps < len(loader) and watcher.step_agreed():
             preempted = True
             break
     global_totals = Totals.from_tensor(accelerator.reduce(totals, reduction="sum"))

@@ -107,8 +107,9 @@ def test_signal_to_one_rank_saves_mid_epoch_and_the_resumed_run_matches(tmp_path
     marker = json.loads((tmp_path / "cut" / PREEMPTED).read_text())
     saved = Path(marker["checkpoint"])
     progress = read_info(saved)["progress"]
-    assert (progress["epoch"], progress["step"]) == (1, 5), progress  # both ranks stopped after step 5
-    assert saved.name == "epoch-0001-step-000005"
+    # Both ranks stopped after step 6: the flags of step 5 are all-reduced without waiting and read after step 6.
+    assert (progress["epoch"], progress["step"]) == (1, 6), progress
+    assert saved.name == "epoch-0001-step-000006"
     assert [r["epoch"] for r in read_metrics(tmp_path / "cut")] == [1]
 
     check(train(data, tmp_path, "cut", 2, *settings, "run.resume=auto"))

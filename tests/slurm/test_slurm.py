@@ -18,14 +18,13 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, TINY, free_port, make_image_folder
+from helpers import TINY, free_port, make_image_folder
+from slurm_jobs import FINISHED, SLURM, epochs_printed, job_info, output_of, run_job, submit, wait_for
 
 from anemia_dist.preemption import PREEMPTED_EXIT_CODE
 from anemia_dist.run_dir import BEST, SUMMARY, WEIGHTS, read_metrics
 
-SLURM = ROOT / "slurm"
 SCRIPTS = [SLURM / name for name in ("lib.sh", "node_launch.sh", "local_cluster.sh")] + sorted(SLURM.glob("*.sbatch"))
-FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
 
 def test_scripts_parse_and_agree_on_the_preemption_exit_code():
@@ -75,42 +74,6 @@ def slurm_env():
         assert down.returncode == 0, down.stderr
 
 
-def submit(slurm_env: dict, workdir: Path, script: str, args: list[str], sbatch_args: tuple[str, ...] = ()) -> str:
-    """``sbatch`` in CPU mode with 2 processes, from ``workdir`` (the job's output lands there)."""
-    env = {**slurm_env, "ANEMIA_DIST_HOME": str(ROOT), "CPU_PROCESSES": "2"}
-    command = ["sbatch", "--parsable", "--gres=none", *sbatch_args, str(SLURM / script), *args]
-    result = subprocess.run(command, env=env, cwd=workdir, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip().split(";")[0]
-
-
-def job_info(slurm_env: dict, job: str) -> dict[str, str]:
-    """``scontrol show job`` as a dict (there is no accounting database, so no ``sacct``)."""
-    out = subprocess.run(
-        ["scontrol", "show", "job", "-o", job], env=slurm_env, capture_output=True, text=True, check=True
-    ).stdout
-    return dict(re.findall(r"(\w+)=(\S*)", out))
-
-
-def wait_for(slurm_env: dict, job: str, condition, timeout: float = 300) -> dict[str, str]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        info = job_info(slurm_env, job)
-        if condition(info):
-            return info
-        time.sleep(1)
-    raise AssertionError(f"job {job} timed out waiting; last state {info.get('JobState')}: {info}")
-
-
-def run_job(slurm_env: dict, workdir: Path, script: str, args: list[str], timeout: float = 300, **kwargs):
-    job = submit(slurm_env, workdir, script, args, **kwargs)
-    try:
-        info = wait_for(slurm_env, job, lambda i: i["JobState"] in FINISHED, timeout)
-    finally:
-        subprocess.run(["scancel", job], env=slurm_env, capture_output=True)
-    return job, info
-
-
 def train_args(tmp_path: Path, epochs: int) -> list[str]:
     data = make_image_folder(tmp_path / "data", {"anemic": 12, "non-anemic": 12})
     return [
@@ -120,14 +83,6 @@ def train_args(tmp_path: Path, epochs: int) -> list[str]:
         "early_stopping.patience=100",
         f"run.output_dir={tmp_path / 'runs'}",
     ]
-
-
-def output_of(workdir: Path, job: str, name: str = "anemia-dist") -> str:
-    return (workdir / f"slurm-{name}-{job}.out").read_text()
-
-
-def epochs_printed(text: str) -> list[int]:
-    return [int(m) for m in re.findall(r"^epoch +(\d+) +train loss", text, re.M)]
 
 
 @pytest.mark.slurm
