@@ -307,6 +307,15 @@ def read_review(path: Path | None) -> list[tuple[str, str, str]]:
     return [(row["a"], row["b"], row["verdict"]) for row in rows]
 
 
+def _components(n: int, pairs: Sequence[tuple[int, int]], groups: Sequence[int] | None = None) -> np.ndarray:
+    """Component per item: items linked by a pair, or sharing one of ``groups``, are one."""
+    keys: list[list[object]] = [[("group", int(g))] for g in groups] if groups is not None else [[] for _ in range(n)]
+    for number, (a, b, *_) in enumerate(pairs):
+        keys[a].append(number)
+        keys[b].append(number)
+    return connected_groups(n, keys)
+
+
 def cp_anemic_source(folder: Path, review: Sequence[tuple[str, str, str]]) -> Source:
     """CP-AnemiC's distinct files (by content). Reference copies: what the audit finds today (the
     same bytes, dHash within 16 bits), pictures identical up to a mirror or turn, and pairs
@@ -328,14 +337,10 @@ def cp_anemic_source(folder: Path, review: Sequence[tuple[str, str, str]]) -> So
         "reviewed as copies": [(index_of[a], index_of[b]) for a, b, verdict in review if verdict == "copy"],
     }
     edges = [pair for pairs in links.values() for pair in pairs]
-    keys: list[list[object]] = [[] for _ in images]
-    for number, (a, b) in enumerate(edges):
-        keys[a].append(number)
-        keys[b].append(number)
     unsure = {tuple(sorted((index_of[a], index_of[b]))) for a, b, verdict in review if verdict == "unsure"}
     names = [p.stem for p in paths]
     counts = {kind: len(pairs) for kind, pairs in links.items()}
-    return Source("CP-AnemiC", images, names, connected_groups(len(images), keys), unsure, counts)
+    return Source("CP-AnemiC", images, names, _components(len(images), edges), unsure, counts)
 
 
 def _dhash_bits(images: Sequence[Image.Image]) -> np.ndarray:
@@ -479,11 +484,8 @@ def curve(m: Measured, source: Source, vectors: np.ndarray, finder: Finder, cuto
     rows = []
     for cutoff in cutoffs:
         i, j = np.nonzero(np.triu(distance <= cutoff, k=1))
-        keys = [[("reference", int(g))] for g in source.groups]
-        for number, (a, b) in enumerate(zip(i.tolist(), j.tolist(), strict=True)):
-            keys[a].append(number)
-            keys[b].append(number)
-        sizes = Counter(connected_groups(len(keys), keys).tolist())
+        merged = _components(len(vectors), list(zip(i.tolist(), j.tolist(), strict=True)), source.groups)
+        sizes = Counter(merged.tolist())
         rows.append(
             {
                 "cutoff": cutoff,
@@ -568,14 +570,6 @@ def closest_distinct(source: Source, finder: Finder, count: int = 12) -> list[di
     ]
 
 
-def _components(n: int, pairs: Sequence[tuple[int, int]]) -> np.ndarray:
-    keys: list[list[object]] = [[] for _ in range(n)]
-    for number, (a, b, *_) in enumerate(pairs):
-        keys[a].append(number)
-        keys[b].append(number)
-    return connected_groups(n, keys)
-
-
 def split_findings(folder: Path, review: Sequence[tuple[str, str, str]], threshold: float) -> dict[str, object]:
     """CP-AnemiC's default split (``--config cp_anemic``) as built today, against the new finder:
     the pairs across it that dHash puts in the 20s-30s, the near copies that straddle it, the copy
@@ -626,11 +620,12 @@ def split_findings(folder: Path, review: Sequence[tuple[str, str, str]], thresho
         by_digest[digest].append(i)
     exact = [(m[0], other) for m in by_digest.values() for other in m[1:]]
     index = {s.path: i for i, s in enumerate(samples)}
-    keys: list[list[object]] = [[] for _ in samples]
-    for number, group in enumerate(split.audit.exact_groups + split.audit.near_groups):
-        for member in group:
-            keys[index[split.audit.checks[member].path]].append(number)
-    today_groups = connected_groups(len(samples), keys)
+    today_pairs = [
+        (index[split.audit.checks[group[0]].path], index[split.audit.checks[member].path])
+        for group in split.audit.exact_groups + split.audit.near_groups
+        for member in group[1:]
+    ]
+    today_groups = _components(len(samples), today_pairs)
     new_groups = _components(len(samples), exact + [(a, b) for a, b, _ in pairs])
     members = defaultdict(list)
     for i, g in enumerate(new_groups):
