@@ -33,8 +33,9 @@ from .data import DataError, SplitData
 from .gpu_augment import EvalResize, TrainAugment
 from .images import load_rgb, working_size
 
-FORMAT_VERSION = 1
-"""Part of every disk key: bump it when decoding changes, and old entries are ignored."""
+FORMAT_VERSION = 2
+"""Part of every disk key: bump it when decoding changes, and old entries are ignored (2: embedded
+colour profiles are converted to sRGB)."""
 
 
 def content_key(path: str | Path, size: int, background: Sequence[int]) -> str:
