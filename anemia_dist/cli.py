@@ -108,6 +108,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import ExportError, export
+
+    try:
+        result = export(args.checkpoint, args.format, args.out, args.quantize, args.data)
+    except ExportError as error:
+        print(f"anemia-dist export: {error}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def cmd_audit_data(args: argparse.Namespace) -> int:
     from .data import audit_data, bad_files_message
 
@@ -201,6 +213,27 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--batch-size", type=int, default=64)
     predict.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1))
     predict.set_defaults(func=cmd_predict)
+
+    export = sub.add_parser(
+        "export",
+        help="one portable file (ONNX or TorchScript) with the resize, normalisation, model and temperature: "
+        "uint8 RGB images in, P(positive class) out",
+    )
+    export.add_argument("--checkpoint", required=True, help="the run's best/ directory")
+    export.add_argument("--format", required=True, help="onnx (any ONNX runtime) or torchscript (torch.jit.load)")
+    export.add_argument("--out", required=True, help="the file to write (e.g. model.onnx, model.pt)")
+    export.add_argument(
+        "--quantize",
+        action="store_true",
+        help="ONNX only: also write OUT.int8.onnx (dynamic int8) and OUT.int8.json (its AUROC and decisions "
+        "against the fp32 file on labelled images)",
+    )
+    export.add_argument(
+        "--data",
+        help="labelled images for --quantize's parity (class folders or a path,label CSV); default: the run's "
+        "validation split (splits.csv beside --checkpoint)",
+    )
+    export.set_defaults(func=cmd_export)
     return parser
 
 
