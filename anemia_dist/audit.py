@@ -37,8 +37,8 @@ if TYPE_CHECKING:
 
 UNCONVERTIBLE_COLOUR = "unconvertible_colour"
 """The bad-file kind of an image whose embedded colour profile cannot convert it to sRGB."""
-OPENED_KINDS = (None, "truncated", "corrupt", "too_small", UNCONVERTIBLE_COLOUR)
-"""Findings of files whose header was read: their colour profile and camera are known."""
+DECODED_KINDS = (None, "too_small", UNCONVERTIBLE_COLOUR)
+"""Findings of files read as far as their colour profile and camera: both are known."""
 EXIF_MAKE, EXIF_MODEL = 0x010F, 0x0110
 
 HASH_SIZE = 16
@@ -198,8 +198,8 @@ class AuditReport:
 
     def colour_and_cameras(self) -> dict[str, object]:
         """Colour profiles (by description) and cameras (EXIF make and model), counted over the
-        files whose header was read."""
-        opened = [c for c in self.checks if c.problem in OPENED_KINDS]
+        files read that far."""
+        opened = [c for c in self.checks if c.problem in DECODED_KINDS]
         return {
             "colour_profiles": dict(Counter(c.profile for c in opened if c.profile).most_common()),
             "without_colour_profile": sum(not c.profile and c.problem != UNCONVERTIBLE_COLOUR for c in opened),

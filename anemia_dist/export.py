@@ -46,6 +46,7 @@ from .cache import decode
 from .config import ConfigError
 from .data import DataError, Sample, load_source
 from .evaluation import OperatingPoint, negative_name
+from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
 FORMATS = ("onnx", "torchscript")
 INPUT_NAME = "image"
@@ -145,8 +146,8 @@ def portable_model(directory: str | Path) -> tuple[PortableModel, dict[str, str]
     directory = Path(directory)
     network, meta = checkpoint.load_best(directory)
     readout = readout_for(meta, str(directory / checkpoint.META_FILE))
-    norm = meta["normalization"]
-    model = PortableModel(Preprocess(meta["image_size"], norm["mean"], norm["std"]), network, readout.module).eval()
+    preprocess = Preprocess(meta["image_size"], IMAGENET_MEAN, IMAGENET_STD)  # predict's constants (EvalResize)
+    model = PortableModel(preprocess, network, readout.module).eval()
     metadata = {
         "anemia_dist_version": __version__,
         "task": meta.get("task", "classification"),
@@ -158,7 +159,7 @@ def portable_model(directory: str | Path) -> tuple[PortableModel, dict[str, str]
         "output_name": readout.output_name,
         "image_size": meta["image_size"],
         "background": list(meta["alpha_background"]),
-        "normalization": norm,
+        "normalization": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD},
         **readout.metadata,
     }
     return model, {key: value if isinstance(value, str) else json.dumps(value) for key, value in metadata.items()}

@@ -54,7 +54,8 @@ def _parse_profile(data: bytes) -> ImageCms.ImageCmsProfile:
 
 @lru_cache(maxsize=16)
 def _to_srgb_transform(data: bytes, mode: str) -> ImageCms.ImageCmsTransform:
-    """Built once per profile and mode: a dataset's photos share a handful of profiles."""
+    """Built once per profile and mode: a dataset's photos share a handful of profiles. LittleCMS
+    copies a transform's cache per call, so the audit's threads can share one."""
     return ImageCms.buildTransform(_parse_profile(data), SRGB, mode, _CMS_OUTPUT[mode], COLOUR_INTENT)
 
 

@@ -13,6 +13,7 @@ from conftest import TINY, display_p3_profile
 from PIL import Image
 
 from anemia_dist.cli import main
+from anemia_dist.images import IMAGE_EXTENSIONS
 
 SECRET = "PatientName-Jane-Doe-GPS-5.6037N"
 """In each photo's EXIF ImageDescription, next to a GPS position: any copy of the EXIF shows it."""
@@ -84,7 +85,7 @@ def test_nothing_the_package_writes_carries_the_photos_exif_or_gps(trained):
     photo = next(trained["data"].rglob("*.jpg"))
     assert SECRET.encode() in photo.read_bytes() and Image.open(photo).getexif().get_ifd(0x8825), "negative control"
     files = written_files(trained)
-    images = [p for p in files if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".heic", ".tif", ".tiff")]
+    images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
     assert any(p.name == "report.html" for p in files) and images, "the run wrote its report and figures"
     for path in files:
         data = path.read_bytes()
