@@ -13,7 +13,7 @@ import onnx
 import onnxruntime
 import pytest
 import torch
-from conftest import CP_ANEMIC, ROOT, make_image_folder
+from conftest import CP_ANEMIC, ROOT, make_image_folder, write_csv
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 from test_image_decoding import reddish_picture, save_as_display_p3
@@ -23,7 +23,7 @@ from anemia_dist import __version__, checkpoint
 from anemia_dist.cli import main
 from anemia_dist.config import ConfigError
 from anemia_dist.data import DataError
-from anemia_dist.export import ExportError, export, portable_model, self_check
+from anemia_dist.export import ExportError, export, labelled_samples, portable_model, self_check
 from anemia_dist.images import load_rgb
 from anemia_dist.predict import predict
 
@@ -90,9 +90,11 @@ def exported(tmp_path_factory) -> dict:
     meta["threshold"] = split_threshold(p for p, _ in predicted(best, files).values())
     (best / checkpoint.META_FILE).write_text(json.dumps(meta))
     labelled = make_image_folder(base / "labelled", {"anemic": 8, "non-anemic": 8})
+    rows = [{"path": str(p), "label": p.parent.name, "split": "val"} for p in sorted(labelled.rglob("*.png"))]
+    rows += [{"path": str(p), "label": "anemic", "split": "train"} for p in files[:3]]
+    write_csv(best.parent / "splits.csv", rows)  # as training writes it: the validation rows are the labelled set
     out = base / "model.onnx"
-    args = ["export", "--checkpoint", str(best), "--format", "onnx", "--out", str(out), "--quantize"]
-    assert main([*args, "--data", str(labelled)]) == 0
+    assert main(["export", "--checkpoint", str(best), "--format", "onnx", "--out", str(out), "--quantize"]) == 0
     return {"best": best, "files": files, "onnx": out, "labelled": labelled, "base": base, "meta": meta}
 
 
@@ -168,7 +170,7 @@ def test_torchscript_file_matches_predict_and_carries_the_metadata(exported, tmp
 def test_quantized_copy_records_the_auroc_and_decisions_it_keeps(exported):
     int8 = exported["onnx"].with_name("model.int8.onnx")
     record = json.loads(int8.with_suffix(".json").read_text())
-    assert record["data"] == str(exported["labelled"]) and record["n"] == 16 and record["n_positive"] == 8
+    assert record["data"].endswith("splits.csv (split val)") and record["n"] == 16 and record["n_positive"] == 8
     assert record["operators_int8"]["ConvInteger"] == 20 and record["operators_int8"]["Conv"] == 0
     assert record["bytes_int8"] == int8.stat().st_size < record["bytes_fp32"] / 3
     expected = predicted(exported["best"], sorted(exported["labelled"].rglob("*.png")))
@@ -180,11 +182,31 @@ def test_quantized_copy_records_the_auroc_and_decisions_it_keeps(exported):
     assert session.get_modelmeta().custom_metadata_map["positive_class"] == "anemic", "metadata kept"
 
 
+def test_quantize_data_takes_class_folders_or_a_labelled_csv(exported):
+    classes = exported["meta"]["classes"]
+    from_folder, source = labelled_samples(exported["best"], exported["labelled"], classes)
+    assert source == str(exported["labelled"]) and len(from_folder) == 16
+    from_csv, _ = labelled_samples(exported["best"], exported["best"].parent / "splits.csv", classes)
+    assert len(from_csv) == 19, "a CSV given with --data is used whole"
+    default, _ = labelled_samples(exported["best"], None, classes)
+    assert {(s.path, s.label) for s in default} == {(s.path, s.label) for s in from_folder}
+    with pytest.raises(DataError, match="--data must be an image folder"):
+        labelled_samples(exported["best"], exported["base"] / "absent", classes)
+
+
 def test_a_file_that_computes_something_else_fails_the_self_check(exported):
     model, _ = portable_model(exported["best"])
     model.readout.temperature = 1.0  # the file was exported with 1.7
     with pytest.raises(ExportError, match="differs from the checkpoint"):
         self_check(model, exported["onnx"], "onnx")
+
+
+def copy_best(source: Path, target: Path, **meta_changes) -> Path:
+    target.mkdir(parents=True)
+    (target / checkpoint.WEIGHTS_FILE).write_bytes((source / checkpoint.WEIGHTS_FILE).read_bytes())
+    meta = json.loads((source / checkpoint.META_FILE).read_text())
+    (target / checkpoint.META_FILE).write_text(json.dumps({**meta, **meta_changes}))
+    return target
 
 
 def test_export_refuses_what_it_cannot_do(exported, tmp_path, capsys):
@@ -193,13 +215,10 @@ def test_export_refuses_what_it_cannot_do(exported, tmp_path, capsys):
     assert main([*args, "--quantize"]) == 2
     assert "--quantize: int8 quantisation is for --format onnx" in capsys.readouterr().err
     assert main(["export", "--checkpoint", str(best), "--format", "tflite", "--out", str(tmp_path / "m")]) == 2
+    assert "--format 'tflite': choose one of onnx, torchscript" in capsys.readouterr().err
     with pytest.raises(DataError, match="splits.csv beside the checkpoint"):
-        export(best, "onnx", tmp_path / "m.onnx", quantized=True)
-    meta = json.loads((best / checkpoint.META_FILE).read_text())
-    regression = tmp_path / "hb" / "best"
-    regression.mkdir(parents=True)
-    (regression / checkpoint.META_FILE).write_text(json.dumps({**meta, "task": "regression"}))
-    (regression / checkpoint.WEIGHTS_FILE).write_bytes((best / checkpoint.WEIGHTS_FILE).read_bytes())
+        export(copy_best(best, tmp_path / "copied" / "best"), "onnx", tmp_path / "m.onnx", quantized=True)
+    regression = copy_best(best, tmp_path / "hb" / "best", task="regression")
     with pytest.raises(ConfigError, match="task 'regression'.*classification checkpoints only"):
         export(regression, "onnx", tmp_path / "hb.onnx")
-    assert not (tmp_path / "hb.onnx").exists() and not list(tmp_path.glob("m*"))
+    assert not (tmp_path / "hb.onnx").exists() and not list(tmp_path.glob("m*")), "nothing written"
