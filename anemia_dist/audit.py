@@ -5,7 +5,9 @@ decodes it (:func:`anemia_dist.images.decode_rgb`, JPEGs at the reduced DCT scal
 size allows), so a file that passes cannot crash an epoch, and a 12-megapixel photo costs the
 audit about a fifth of a full decode. Near duplicates (re-encoded, resized or re-cut copies) are
 found with a 256-bit difference hash: the grey image shrunk to 17x16 pixels, one bit per
-horizontally adjacent pair (left brighter than right).
+horizontally adjacent pair (left brighter than right). Each file's colour profile (converted to
+sRGB by the decode) and camera (EXIF make and model) are counted, so a dataset mixing phones and
+colour spaces shows it.
 """
 
 from __future__ import annotations
@@ -28,9 +30,15 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from .config import DataConfig
-from .images import decode_rgb, working_size
+from .images import ColourError, decode_rgb, describe_profile, embedded_profile, working_size
 from .run_dir import AUDIT_CSV, AUDIT_JSON, EXCLUDED
 from .sources import Sample, load_samples
+
+UNCONVERTIBLE_COLOUR = "unconvertible_colour"
+"""The bad-file kind of an image whose embedded colour profile cannot convert it to sRGB."""
+DECODED_KINDS = (None, "too_small", UNCONVERTIBLE_COLOUR)
+"""Findings of files read as far as their colour profile and camera: both are known."""
+EXIF_MAKE, EXIF_MODEL = 0x010F, 0x0110
 
 HASH_SIZE = 16
 """dHash grid: 16 rows of 16 comparisons = 256 bits."""
@@ -41,7 +49,7 @@ _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint16)
 @dataclass(frozen=True)
 class FileCheck:
     """What one file turned out to be. ``problem``: None, or the kind of bad file: missing,
-    unreadable, empty, not_image, truncated, corrupt or too_small."""
+    unreadable, empty, not_image, truncated, corrupt, too_small or unconvertible_colour."""
 
     path: str
     problem: str | None = None
@@ -50,11 +58,24 @@ class FileCheck:
     dhash: bytes = b""
     width: int = 0
     height: int = 0
+    profile: str = ""
+    """The embedded colour profile's description; "" when there is none (read as sRGB) or unread."""
+    camera: str = ""
+    """EXIF make and model; "" when absent or unread."""
 
 
 def dhash(image: Image.Image) -> bytes:
     grey = np.asarray(image.convert("L").resize((HASH_SIZE + 1, HASH_SIZE), Image.Resampling.LANCZOS), dtype=np.int16)
     return np.packbits(grey[:, :-1] > grey[:, 1:]).tobytes()
+
+
+def camera_name(image: Image.Image) -> str:
+    """EXIF make and model, e.g. ``Apple iPhone 12`` (the make once, when the model repeats it)."""
+    exif = image.getexif()
+    make, model = (str(exif.get(tag, "")).strip("\x00 ") for tag in (EXIF_MAKE, EXIF_MODEL))
+    if make and model.lower().startswith(make.lower()):
+        return model
+    return f"{make} {model}".strip()
 
 
 def check_file(path: str, min_size: int, background: Sequence[int], decode_side: int) -> FileCheck:
@@ -71,21 +92,25 @@ def check_file(path: str, min_size: int, background: Sequence[int], decode_side:
     if not data:
         return FileCheck(path, "empty", "0 bytes")
     digest = hashlib.sha256(data).hexdigest()
-    fmt = "image"  # until the header names the format
+    fmt, width, height, camera, profile = "image", 0, 0, "", ""  # until the header names them
     try:
         with Image.open(io.BytesIO(data)) as image:
-            fmt, (width, height) = image.format or fmt, image.size
+            fmt, (width, height), camera = image.format or fmt, image.size, camera_name(image)
+            found = embedded_profile(image)
+            profile = describe_profile(found) if found is not None else ""
             rgb = decode_rgb(image, tuple(background), decode_side)
     except UnidentifiedImageError:
         return FileCheck(path, "not_image", f"not an image format Pillow can read ({len(data)} bytes)", digest)
+    except ColourError as error:
+        detail = f"{fmt}: {error}"
+        return FileCheck(path, UNCONVERTIBLE_COLOUR, detail, digest, b"", width, height, profile, camera)
     except Exception as error:  # Pillow signals damaged data with OSError, SyntaxError, ValueError, ...
         kind = "truncated" if "truncat" in str(error).lower() else "corrupt"
         return FileCheck(path, kind, f"{fmt} does not decode: {error}", digest)
     if min(width, height) < min_size:
-        return FileCheck(
-            path, "too_small", f"{width}x{height} pixels; data.min_size={min_size}", digest, b"", width, height
-        )
-    return FileCheck(path, None, fmt, digest, dhash(rgb), width, height)
+        detail = f"{width}x{height} pixels; data.min_size={min_size}"
+        return FileCheck(path, "too_small", detail, digest, b"", width, height, profile, camera)
+    return FileCheck(path, None, fmt, digest, dhash(rgb), width, height, profile, camera)
 
 
 def _popcount(words: np.ndarray) -> np.ndarray:
@@ -170,6 +195,18 @@ class AuditReport:
         counts = Counter(self.labels[i] for i in (range(len(self.labels)) if indices is None else indices))
         return dict(sorted(counts.items()))
 
+    def colour_and_cameras(self) -> dict[str, object]:
+        """Colour profiles (by description) and cameras (EXIF make and model), counted over the
+        files read that far."""
+        opened = [c for c in self.checks if c.problem in DECODED_KINDS]
+        return {
+            "colour_profiles": dict(Counter(c.profile for c in opened if c.profile).most_common()),
+            "without_colour_profile": sum(not c.profile and c.problem != UNCONVERTIBLE_COLOUR for c in opened),
+            "unconvertible_colour": sum(c.problem == UNCONVERTIBLE_COLOUR for c in opened),
+            "cameras": dict(Counter(c.camera for c in opened if c.camera).most_common()),
+            "without_camera": sum(not c.camera for c in opened),
+        }
+
     def rows(self) -> list[dict[str, str]]:
         """Every finding, one row per file: kind, path, label, group, detail."""
         rows = [self._row(check.problem, i, "", check.detail) for i, check in enumerate(self.checks) if check.problem]
@@ -218,6 +255,7 @@ class AuditReport:
                 {"scope": scope, "paths": [self.checks[i].path for i in self.group(scope, index)]}
                 for scope, index in self.conflicts
             ],
+            **self.colour_and_cameras(),
             "min_size": self.min_size,
             "seconds": round(self.seconds, 3),
         }
@@ -239,6 +277,11 @@ class AuditReport:
             lines.append(f"    {scope}: " + " = ".join(named))
         if len(self.conflicts) > 10:
             lines.append(f"    ... {len(self.conflicts) - 10} more in the report")
+        lines += [
+            f"  colour profiles: {_counts(s['colour_profiles'])}; {s['without_colour_profile']} files without one "
+            f"(read as sRGB); {s['unconvertible_colour']} cannot be converted to sRGB",
+            f"  cameras (EXIF make and model): {_counts(s['cameras'])}; {s['without_camera']} files without",
+        ]
         return "\n".join(lines)
 
     def write(self, directory: str | Path) -> Path:
@@ -261,6 +304,10 @@ class AuditReport:
             "Replace or remove these files (or their manifest rows), or set data.bad_files=skip to train "
             f"without them; skipped files are listed in the run directory's {EXCLUDED}."
         )
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{name} x{count}" for name, count in counts.items()) or "none"
 
 
 def audit_samples(

@@ -107,6 +107,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import ExportError, export
+
+    try:
+        result = export(args.checkpoint, args.format, args.out, args.quantize, args.data)
+    except ExportError as error:
+        print(f"anemia-dist export: {error}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def cmd_audit_data(args: argparse.Namespace) -> int:
     from .audit import audit_data
 
@@ -140,21 +152,22 @@ def cmd_fetch_weights(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="anemia-dist", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     train = sub.add_parser("train", help="train with a config file plus key=value overrides")
     train.add_argument("--config", help="YAML file, or a packaged config name (default, demo)")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=10 data.root=/data")
     train.set_defaults(func=cmd_train)
 
+
+def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
     demo = sub.add_parser("demo", help="generate a synthetic dataset and train on it (no download, no GPU)")
     demo.add_argument("--output-dir", default="runs")
     demo.add_argument("--num-processes", type=int, default=None, help="default: 2 CPU ranks, or every GPU")
     demo.add_argument("overrides", nargs="*", help="dotted overrides passed to train")
     demo.set_defaults(func=cmd_demo)
 
+
+def _add_audit_parser(sub: argparse._SubParsersAction) -> None:
     audit = sub.add_parser(
         "audit-data",
         help="check every image (bad files, duplicates, label conflicts) as training would; exit 1 if it would stop",
@@ -164,14 +177,20 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.manifest=/data/sheet.csv")
     audit.set_defaults(func=cmd_audit_data)
 
+
+def _add_fetch_parser(sub: argparse._SubParsersAction) -> None:
     fetch = sub.add_parser("fetch-weights", help="download ImageNet weights into the torch hub cache")
     fetch.add_argument("--arch", default="resnet50", choices=ARCHS)
     fetch.set_defaults(func=cmd_fetch_weights)
 
+
+def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="input-pipeline and training throughput, PIL vs cached pipeline (JSON)")
     add_bench_arguments(bench)
     bench.set_defaults(func=cmd_bench)
 
+
+def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
     evaluate = sub.add_parser(
         "evaluate",
         help="metrics with 95%% intervals on labelled images at the model's saved threshold (1..N processes)",
@@ -195,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.set_defaults(func=cmd_evaluate)
 
+
+def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
     predict = sub.add_parser(
         "predict", help="probability and decision at the saved threshold for image files or folders"
     )
@@ -204,6 +225,49 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--batch-size", type=int, default=64)
     predict.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1))
     predict.set_defaults(func=cmd_predict)
+
+
+def _add_export_parser(sub: argparse._SubParsersAction) -> None:
+    export = sub.add_parser(
+        "export",
+        help="one portable file (ONNX or TorchScript) with the resize, normalisation, model and temperature: "
+        "uint8 RGB images in, P(positive class) out",
+    )
+    export.add_argument("--checkpoint", required=True, help="the run's best/ directory")
+    export.add_argument("--format", required=True, help="onnx (any ONNX runtime) or torchscript (torch.jit.load)")
+    export.add_argument("--out", required=True, help="the file to write (e.g. model.onnx, model.pt)")
+    export.add_argument(
+        "--quantize",
+        action="store_true",
+        help="ONNX only: also write OUT.int8.onnx (dynamic int8) and OUT.int8.json (its AUROC and decisions "
+        "against the fp32 file on labelled images)",
+    )
+    export.add_argument(
+        "--data",
+        help="labelled images for --quantize's parity (class folders or a path,label CSV); default: the run's "
+        "validation split (splits.csv beside --checkpoint)",
+    )
+    export.set_defaults(func=cmd_export)
+
+
+SUBCOMMANDS = (
+    _add_train_parser,
+    _add_demo_parser,
+    _add_audit_parser,
+    _add_fetch_parser,
+    _add_bench_parser,
+    _add_evaluate_parser,
+    _add_predict_parser,
+    _add_export_parser,
+)
+"""One function per sub-command adds its parser, in the order ``--help`` lists them."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="anemia-dist", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add_parser in SUBCOMMANDS:
+        add_parser(sub)
     return parser
 
 

@@ -42,8 +42,9 @@ from .transforms import eval_transform, train_transform
 
 logger = get_logger(__name__)
 
-FORMAT_VERSION = 1
-"""Part of every disk key: bump it when decoding changes, and old entries are ignored."""
+FORMAT_VERSION = 2
+"""Part of every disk key: bump it when decoding changes, and old entries are ignored (2: embedded
+colour profiles are converted to sRGB)."""
 
 
 def content_key(path: str | Path, size: int, background: Sequence[int]) -> str:

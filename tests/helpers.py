@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from PIL import Image
+from PIL import Image, ImageCms
 
 from anemia_dist.checkpointing import Checkpointer
 from anemia_dist.cli import launch_command
@@ -186,3 +186,72 @@ def phase_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None
     F.cross_entropy(model(images), labels).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+def _s15(value: float) -> bytes:
+    return int(round(value * 65536)).to_bytes(4, "big", signed=True)
+
+
+def display_p3_profile() -> bytes:
+    """An ICC v2 matrix/TRC profile for Display P3 (P3 primaries, D65 white, the sRGB transfer
+    curve), as phones embed in their photos; built here, so no profile file ships with the tests."""
+    primaries, white = np.array([[0.680, 0.320], [0.265, 0.690], [0.150, 0.060]]), np.array([0.3127, 0.3290])
+
+    def xyz(xy: np.ndarray) -> np.ndarray:
+        return np.array([xy[0] / xy[1], 1.0, (1 - xy[0] - xy[1]) / xy[1]])
+
+    columns = np.stack([xyz(p) for p in primaries], axis=1)
+    rgb_to_xyz = columns * np.linalg.solve(columns, xyz(white))  # D65-relative
+    bradford = np.array([[0.8951, 0.2664, -0.1614], [-0.7502, 1.7135, 0.0367], [0.0389, -0.0685, 1.0296]])
+    d50 = np.array([0.9642, 1.0, 0.8249])
+    cone_ratio = np.diag((bradford @ d50) / (bradford @ xyz(white)))
+    adapted = np.linalg.inv(bradford) @ cone_ratio @ bradford @ rgb_to_xyz  # colorants relative to D50, as ICC
+
+    def xyz_tag(values) -> bytes:
+        return b"XYZ \0\0\0\0" + b"".join(_s15(v) for v in values)
+
+    def text_tag(text: str) -> bytes:
+        ascii_text = text.encode() + b"\0"
+        return b"desc\0\0\0\0" + len(ascii_text).to_bytes(4, "big") + ascii_text + bytes(4 + 4 + 2 + 1 + 67)
+
+    srgb_curve = b"para\0\0\0\0" + (3).to_bytes(2, "big") + bytes(2)
+    srgb_curve += b"".join(_s15(v) for v in (2.4, 1 / 1.055, 0.055 / 1.055, 1 / 12.92, 0.04045))
+    tags = [
+        (b"desc", text_tag("Display P3")),
+        (b"wtpt", xyz_tag(d50)),
+        (b"rXYZ", xyz_tag(adapted[:, 0])),
+        (b"gXYZ", xyz_tag(adapted[:, 1])),
+        (b"bXYZ", xyz_tag(adapted[:, 2])),
+        (b"rTRC", srgb_curve),
+        (b"gTRC", srgb_curve),
+        (b"bTRC", srgb_curve),
+    ]
+    offset, table, data = 128 + 4 + 12 * len(tags), b"", b""
+    for signature, body in tags:
+        body += bytes(-len(body) % 4)
+        table += signature + (offset + len(data)).to_bytes(4, "big") + len(body).to_bytes(4, "big")
+        data += body
+    size = offset + len(data)
+    header = size.to_bytes(4, "big") + bytes(4) + bytes([2, 0x10, 0, 0]) + b"mntrRGB XYZ " + bytes(12) + b"acsp"
+    header += bytes(24) + bytes(4) + b"".join(_s15(v) for v in d50)
+    header += bytes(128 - len(header))
+    return header + len(tags).to_bytes(4, "big") + table + data
+
+
+def reddish_picture(seed: int = 0, size: int = 24) -> Image.Image:
+    """Conjunctiva-like reds, pinks and a few saturated pixels: where P3 and sRGB encodings differ most."""
+    rng = np.random.default_rng(seed)
+    array = np.clip(np.array([190, 80, 80]) + rng.normal(0, 35, (size, size, 3)), 0, 255).astype(np.uint8)
+    array[:2, :2] = (230, 20, 30)
+    return Image.fromarray(array, "RGB")
+
+
+def save_as_display_p3(picture: Image.Image, path, mode: str = "RGB", **options) -> None:
+    """The same colours re-encoded in Display P3, with the profile embedded, as a phone saves them."""
+    p3 = display_p3_profile()
+    srgb = ImageCms.createProfile("sRGB")
+    source = picture.convert(mode)
+    encoded = ImageCms.profileToProfile(
+        source, srgb, ImageCms.ImageCmsProfile(io.BytesIO(p3)), ImageCms.Intent.RELATIVE_COLORIMETRIC
+    )
+    encoded.save(path, icc_profile=p3, **options)

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-from helpers import BAD, add_bad_files, encoded, make_image_folder
+from helpers import BAD, add_bad_files, display_p3_profile, encoded, make_image_folder
 from PIL import Image
 
 from anemia_dist.audit import AuditReport, audit_data, near_pairs
@@ -149,3 +149,31 @@ def test_audit_decodes_large_jpegs_at_the_training_scale_and_still_finds_truncat
     assert (150, 200) in decoded_sizes and (1200, 1600) not in decoded_sizes  # 1/8 scale: both sides >= 77
     photo_check = next(c for c in report.checks if c.path.endswith("photo.jpg"))
     assert (photo_check.width, photo_check.height) == (1200, 1600)  # the file's own size
+
+
+def test_audit_counts_colour_profiles_and_cameras_and_flags_unconvertible_colour(tmp_path):
+    root = make_image_folder(tmp_path / "data", {"anemic": 3, "non-anemic": 3})
+    picture = smooth_picture(11)
+    p3 = display_p3_profile()
+    for i, name in enumerate(("phone_a.jpg", "phone_b.jpg")):
+        exif = Image.Exif()
+        exif[0x010F], exif[0x0110] = "Apple", "iPhone 12"
+        smooth_picture(20 + i).save(root / "anemic" / name, icc_profile=p3, exif=exif)
+    exif = Image.Exif()
+    exif[0x010F], exif[0x0110] = "Canon", "Canon EOS R5"
+    smooth_picture(30).save(root / "non-anemic" / "camera.jpg", exif=exif)
+    picture.save(root / "non-anemic" / "broken_profile.png", icc_profile=b"not a profile")
+    report = audit(root)
+    summary = report.summary()
+    assert summary["colour_profiles"] == {"Display P3": 2}
+    assert summary["without_colour_profile"] == 6 + 1, "the generated PNGs and the Canon JPEG carry none"
+    assert summary["cameras"] == {"Apple iPhone 12": 2, "Canon EOS R5": 1}
+    assert summary["without_camera"] == 6 + 1
+    assert summary["unconvertible_colour"] == 1
+    assert by_name(report) == {"broken_profile.png": "unconvertible_colour"}
+    assert summary["bad_by_kind"] == {"unconvertible_colour": 1}
+    text = report.summary_text()
+    assert "colour profiles: Display P3 x2; 7 files without one (read as sRGB); 1 cannot be converted" in text
+    assert "cameras (EXIF make and model): Apple iPhone 12 x2, Canon EOS R5 x1; 7 files without" in text
+    rows = [row for row in report.rows() if row["kind"] == "unconvertible_colour"]
+    assert len(rows) == 1 and "ICC profile cannot be read" in rows[0]["detail"]

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image
+import pytest
+from helpers import display_p3_profile, reddish_picture, save_as_display_p3
+from PIL import Image, ImageCms
 
-from anemia_dist.images import load_rgb
+from anemia_dist.images import IMAGE_EXTENSIONS, ColourError, load_rgb
 
 BACKGROUND = (124, 116, 104)
 
@@ -52,3 +54,62 @@ def test_greyscale_cmyk_palette_and_16bit_become_rgb(tmp_path):
     assert red[0] > 200 and red[1] < 60
     deep = np.asarray(load_rgb(tmp_path / "deep.png", BACKGROUND))[..., 0]
     assert deep[0, 0] == 0 and deep[0, 1] == 255
+
+
+def test_a_display_p3_photo_decodes_to_the_same_colours_as_its_srgb_original(tmp_path):
+    picture = reddish_picture()
+    picture.save(tmp_path / "srgb.png")
+    save_as_display_p3(picture, tmp_path / "p3.png")
+    original = np.asarray(load_rgb(tmp_path / "srgb.png", BACKGROUND), dtype=int)
+    managed = np.asarray(load_rgb(tmp_path / "p3.png", BACKGROUND), dtype=int)
+    assert np.abs(managed - original).max() <= 3, "P3 -> sRGB gives back the sRGB values (8-bit rounding twice)"
+    assert np.abs(managed - original).mean() < 0.5
+    stored = np.asarray(load_rgb(tmp_path / "p3.png", BACKGROUND, colour_manage=False), dtype=int)
+    assert np.abs(stored - original).max() > 20, "negative control: the P3 numbers read as sRGB are other colours"
+    assert stored[0, 0, 0] < original[0, 0, 0] - 10, "a saturated red is stored as a smaller red value in P3"
+
+
+def test_colour_conversion_keeps_the_alpha_mask(tmp_path):
+    picture = reddish_picture(1)
+    save_as_display_p3(picture, tmp_path / "p3.png", mode="RGBA")
+    rgba = Image.open(tmp_path / "p3.png").convert("RGBA")
+    mask = np.zeros((24, 24), np.uint8)
+    mask[4:20, 4:20] = 255
+    rgba.putalpha(Image.fromarray(mask))
+    rgba.save(tmp_path / "crop.png", icc_profile=display_p3_profile())
+    rgb = np.asarray(load_rgb(tmp_path / "crop.png", BACKGROUND), dtype=int)
+    assert tuple(rgb[0, 0]) == BACKGROUND, "outside the mask: the background, not converted colours"
+    assert np.abs(rgb[4:20, 4:20] - np.asarray(picture, dtype=int)[4:20, 4:20]).max() <= 3
+
+
+def test_jpeg_with_a_profile_is_converted_and_one_without_is_read_as_srgb(tmp_path):
+    picture = Image.new("RGB", (32, 32), (200, 70, 70))
+    picture.save(tmp_path / "plain.jpg", quality=95)
+    save_as_display_p3(picture, tmp_path / "p3.jpg", quality=95)
+    plain = np.asarray(load_rgb(tmp_path / "plain.jpg", BACKGROUND), dtype=float).mean(axis=(0, 1))
+    assert np.abs(plain - (200, 70, 70)).max() <= 2, "no profile: the stored values, taken as sRGB"
+    managed = np.asarray(load_rgb(tmp_path / "p3.jpg", BACKGROUND), dtype=float).mean(axis=(0, 1))
+    stored = np.asarray(load_rgb(tmp_path / "p3.jpg", BACKGROUND, colour_manage=False), dtype=float).mean(axis=(0, 1))
+    assert np.abs(managed - (200, 70, 70)).max() <= 2
+    assert np.abs(stored - (200, 70, 70)).max() > 8, "negative control: the P3 numbers are not the sRGB colour"
+
+
+def test_an_unreadable_or_mismatched_profile_is_a_colour_error_naming_the_fix(tmp_path):
+    picture = reddish_picture(3)
+    picture.save(tmp_path / "garbage.png", icc_profile=b"not an ICC profile at all")
+    lab = ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes()
+    picture.save(tmp_path / "lab_on_rgb.png", icc_profile=lab)
+    with pytest.raises(ColourError, match="cannot be read.*sRGB"):
+        load_rgb(tmp_path / "garbage.png", BACKGROUND)
+    with pytest.raises(ColourError, match="cannot convert this RGB image"):
+        load_rgb(tmp_path / "lab_on_rgb.png", BACKGROUND)
+    assert load_rgb(tmp_path / "garbage.png", BACKGROUND, colour_manage=False).size == (24, 24)
+
+
+def test_heic_files_are_found_and_decoded_with_their_profile(tmp_path):
+    assert ".heic" in IMAGE_EXTENSIONS and ".heif" in IMAGE_EXTENSIONS
+    picture = reddish_picture(4, size=64).resize((64, 64))
+    save_as_display_p3(picture, tmp_path / "phone.heic", quality=-1, chroma=444)
+    rgb = np.asarray(load_rgb(tmp_path / "phone.heic", BACKGROUND), dtype=int)
+    assert rgb.shape == (64, 64, 3)
+    assert np.abs(rgb - np.asarray(picture, dtype=int)).mean() < 3, "lossless HEIC, P3 converted back to sRGB"
