@@ -37,6 +37,8 @@ class TrainingProgress:
     partial_seconds: float = 0.0
     unfrozen: bool = False
     tracker_run_id: str | None = None
+    """The W&B run id (a resumed run continues that run)."""
+    mlflow_run_id: str | None = None
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -15,6 +15,7 @@ from .config import ConfigError, load_config
 from .data import DataError
 from .model import WeightsError
 from .preemption import PREEMPTED_EXIT_CODE, Preempted
+from .sweep import add_arguments as add_sweep_arguments
 
 USER_ERRORS = (ConfigError, DataError, WeightsError, FileNotFoundError)
 
@@ -129,6 +130,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import main as sweep_main
+
+    return sweep_main(args)
+
+
 def cmd_fetch_weights(args: argparse.Namespace) -> int:
     from .model import fetch_imagenet_weights
 
@@ -168,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="input-pipeline and training throughput, seed-style vs this package (JSON)")
     add_bench_arguments(bench)
     bench.set_defaults(func=cmd_bench)
+
+    sweep = sub.add_parser("sweep", help="hyperparameter sweeps over config keys: W&B (init) or a local grid (run)")
+    add_sweep_arguments(sweep)
+    sweep.set_defaults(func=cmd_sweep)
 
     evaluate = sub.add_parser(
         "evaluate",

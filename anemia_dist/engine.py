@@ -69,7 +69,6 @@ CHECKPOINTS = "checkpoints"
 def make_accelerator(cfg: Config) -> Accelerator:
     return Accelerator(
         mixed_precision=cfg.train.mixed_precision,
-        log_with=tracking.log_with(cfg.tracking),
         # The plateau scheduler is stepped once per epoch with the global validation loss; by
         # default Accelerate would step it once per process.
         step_scheduler_with_optimizer=False,
@@ -259,7 +258,7 @@ def train(cfg: Config) -> dict[str, Any]:
         model = restore_training_state(accelerator, model, resume_from, checkpointer, cfg)
         accelerator.print(f"resumed from {resume_from} (epoch {progress.epoch}, step {progress.step})")
     rows = broadcast_from_main(run.keep_metrics_through(progress.epoch))
-    progress.tracker_run_id = tracking.start(accelerator, cfg, progress.tracker_run_id)
+    tracking.start(accelerator, cfg, progress)
     run.remove(PREEMPTED_FILE)
     accelerator.print(
         f"training {cfg.model.arch} on {len(split.train)} images, validating on {len(split.val)}, "
