@@ -1,5 +1,6 @@
-"""W&B tracking: settings, the offline fallback, and what a real 2-rank offline run writes, read
-back from its ``.wandb`` file with wandb's own protobuf records."""
+"""Tracking: settings, the W&B offline fallback, and what a real 2-rank run writes to W&B (read back
+from its ``.wandb`` file with wandb's own protobuf records), MLflow (``mlflow.get_run`` on the local
+store, and on a real ``mlflow server``) and TensorBoard (tensorboard's ``EventAccumulator``)."""
 
 from __future__ import annotations
 
@@ -7,18 +8,25 @@ import json
 import math
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import mlflow
 import pytest
 import yaml
-from conftest import ROOT, TINY, check, launch, make_image_folder
+from accelerate import Accelerator
+from conftest import ROOT, TINY, check, free_port, launch, make_image_folder
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
 from wandb_records import config, history, read_records, run_id, summary
 
 from anemia_dist import tracking
+from anemia_dist.checkpointer import TrainingProgress
 from anemia_dist.config import ConfigError, load_config
 from anemia_dist.reporting import read_metrics
 
@@ -34,6 +42,8 @@ def test_tracking_settings_accept_yaml_off_and_name_the_key_on_bad_values():
         ("tracking.wandb=cloud", "tracking.wandb"),
         ("tracking.project=team/anemia", "tracking.project"),
         ("tracking.tags=['']", "tracking.tags[0]"),
+        ("tracking.log_with=[mlflow, comet_ml]", "tracking.log_with[1]"),
+        ("tracking.log_with=[mlflow, mlflow]", "tracking.log_with"),
     ]:
         with pytest.raises(ConfigError, match=f"^{re.escape(key)}: "):
             load_config(None, [override])
@@ -45,18 +55,85 @@ def test_init_kwargs_continue_the_saved_run_and_respect_wandb_environment(monkey
     )
     monkeypatch.delenv("WANDB_DIR", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
-    fresh = tracking.wandb_init_kwargs(cfg, None, "online")["wandb"]
+    fresh = tracking.wandb_init_kwargs(cfg, None, "online")
     assert fresh["id"] is None and fresh["resume"] is None
     assert (fresh["name"], fresh["tags"], fresh["dir"]) == ("fold0", ["a"], "/scratch/runs/fold0")
-    resumed = tracking.wandb_init_kwargs(cfg, "abc123", "online")["wandb"]
+    resumed = tracking.wandb_init_kwargs(cfg, "abc123", "online")
     assert resumed["id"] == "abc123" and resumed["resume"] == "allow"
     assert tracking.wandb_mode(cfg.tracking) == "online"
 
     monkeypatch.setenv("WANDB_MODE", "offline")  # a compute node's setting wins over the config
     monkeypatch.setenv("WANDB_DIR", "/scratch/wandb")
     assert tracking.wandb_mode(cfg.tracking) == "offline"
-    assert "dir" not in tracking.wandb_init_kwargs(cfg, None, "offline")["wandb"]
-    assert tracking.log_with(load_config(None, []).tracking) is None
+    assert "dir" not in tracking.wandb_init_kwargs(cfg, None, "offline")
+
+
+def test_tracker_list_adds_wandb_for_its_mode_and_puts_it_first(monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    names = [tracking.tracker_names(load_config(None, o).tracking) for o in ([], ["tracking.wandb=offline"])]
+    assert names == [[], ["wandb"]]
+    listed = load_config(None, ["tracking.log_with=[tensorboard, mlflow, wandb]"]).tracking
+    assert tracking.tracker_names(listed) == ["wandb", "mlflow", "tensorboard"]
+    assert tracking.wandb_mode(listed) == "online"  # listed with tracking.wandb=off (the default)
+    both = load_config(None, ["tracking.log_with=[tensorboard]", "tracking.wandb=offline"]).tracking
+    assert tracking.tracker_names(both) == ["wandb", "tensorboard"] and tracking.wandb_mode(both) == "offline"
+
+
+def test_mlflow_store_and_tensorboard_folder_default_beside_the_runs(monkeypatch, tmp_path):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = load_config(None, [f"run.output_dir={tmp_path}", "run.name=fold0"])
+    assert tracking.mlflow_uri(cfg) == (f"sqlite:///{tmp_path}/mlflow.db", "run.output_dir")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.hospital:5000")
+    assert tracking.mlflow_uri(cfg) == ("http://mlflow.hospital:5000", "MLFLOW_TRACKING_URI")
+    cfg = load_config(None, [f"run.output_dir={tmp_path}", "run.name=fold0", "tracking.mlflow_uri=http://h:1"])
+    assert tracking.mlflow_uri(cfg) == ("http://h:1", "tracking.mlflow_uri")  # the config wins over the environment
+    assert tracking.tensorboard_location(cfg) == (f"{tmp_path}/fold0", "tensorboard")
+    cfg.tracking.tensorboard_dir = "/shared/tb"
+    assert tracking.tensorboard_location(cfg) == ("/shared/tb", "fold0")
+
+
+def test_flat_config_reads_back_as_overrides_into_the_same_config():
+    cfg = load_config("demo", ["unfreeze.layers=[layer3, layer4]", "data.threshold_rules=[]", "tracking.tags=[a]"])
+    flat = tracking.flat_config(cfg.to_dict())
+    assert all(isinstance(v, (str, int, float, bool)) for v in flat.values())  # what MLflow and TensorBoard take
+    assert flat["unfreeze.layers"] == '["layer3", "layer4"]' and flat["run.name"] == "null"
+    assert load_config(None, [f"{key}={value}" for key, value in flat.items()]) == cfg
+    assert load_config(None, []) != cfg  # the round trip above is not trivially true
+
+
+def test_mlflow_server_that_cannot_be_reached_is_named_before_training(tmp_path):
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        address = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    cfg = load_config(
+        None,
+        ["tracking.log_with=[mlflow]", f"tracking.mlflow_uri={address}", f"run.output_dir={tmp_path}", "run.name=r"],
+    )
+    with pytest.raises(ConfigError, match=f"^tracking.mlflow_uri: MLflow server cannot reach {re.escape(address)}"):
+        tracking.start(Accelerator(), cfg, TrainingProgress())
+
+
+def tensorboard_scalars(folder: Path, tag: str) -> list[tuple[int, float]]:
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return [(event.step, event.value) for event in events.Scalars(tag)]
+
+
+def test_tensorboard_resume_replaces_the_epochs_it_logs_again(tmp_path):
+    """A run killed after logging epoch 3 but before checkpointing it resumes from epoch 2: the
+    reader shows the new epoch 3, once."""
+    cfg = load_config(None, ["tracking.log_with=[tensorboard]", f"run.output_dir={tmp_path}", "run.name=r"])
+    accelerator, progress = Accelerator(), TrainingProgress()
+    for resumed_after, epochs in ((0, (1, 2, 3)), (2, (3, 4))):
+        progress.epoch = resumed_after
+        tracking.start(accelerator, cfg, progress)
+        for epoch in epochs:
+            accelerator.log({"val_loss": epoch + resumed_after / 10}, step=epoch)
+        for tracker in accelerator.trackers:
+            tracker.finish()
+        accelerator.trackers.clear()
+    logged = tensorboard_scalars(tmp_path / "r" / "tensorboard", "val_loss")
+    assert logged == [(1, 1.0), (2, 2.0), (3, pytest.approx(3.2)), (4, pytest.approx(4.2))]
 
 
 def test_unreachable_server_is_named_within_seconds():
@@ -120,7 +197,9 @@ def wandb_runs(directory: Path) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def offline_run(tmp_path_factory):
-    """A real 2-rank run with WANDB_MODE=offline (as on a compute node) although the config says online."""
+    """A real 2-rank run logging to all three trackers, then resumed for one more epoch. W&B runs
+    with WANDB_MODE=offline (as on a compute node) although the config says online; MLflow logs to
+    its default store in run.output_dir."""
     root = tmp_path_factory.mktemp("tracking")
     data = make_image_folder(root / "data", {"anemic": 12, "non-anemic": 12})
     args = [
@@ -134,13 +213,15 @@ def offline_run(tmp_path_factory):
         f"run.output_dir={root / 'runs'}",
         "run.name=tracked",
         "tracking.wandb=online",
+        "tracking.log_with=[mlflow, tensorboard]",
         "tracking.tags=[ci]",
     ]
-    env = {"WANDB_MODE": "offline", "WANDB_DIR": str(root)}
+    env = {"WANDB_MODE": "offline", "WANDB_DIR": str(root), "MLFLOW_TRACKING_URI": ""}
     run_dir = root / "runs" / "tracked"
     first = check(launch([*args, "train.epochs=3"], env=env))
     first_runs, first_summary = wandb_runs(root), json.loads((run_dir / "summary.json").read_text())
     first_config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    first_mlflow_id = last_progress(run_dir)["mlflow_run_id"]
     check(launch([*args, "train.epochs=4", "run.resume=auto"], env=env))
     return SimpleNamespace(
         root=root,
@@ -149,7 +230,13 @@ def offline_run(tmp_path_factory):
         first_runs=first_runs,
         first_summary=first_summary,
         first_config=first_config,
+        first_mlflow_id=first_mlflow_id,
     )
+
+
+def last_progress(run_dir: Path) -> dict:
+    newest = sorted((run_dir / "checkpoints").glob("epoch-*"))[-1]
+    return json.loads((newest / "checkpoint.json").read_text())["progress"]
 
 
 def values_equal(logged, expected) -> bool:
@@ -175,7 +262,7 @@ def test_two_rank_offline_run_logs_exactly_what_metrics_jsonl_holds(offline_run)
         assert numbers, row
         for key, value in numbers.items():
             assert values_equal(entry[key], value), (row["epoch"], key, entry.get(key), value)
-        for name, lr in zip(row["lr_groups"], row["lr"]):
+        for name, lr in zip(row["lr_groups"], row["lr"], strict=True):
             assert entry[f"lr/{name}"] == pytest.approx(lr, rel=1e-12)
     assert [logged[e]["trainable_stages"] for e in (1, 2, 3)] == [0, 1, 1]  # unfrozen at epoch 2
 
@@ -203,3 +290,137 @@ def test_resumed_run_continues_the_same_wandb_run_from_the_next_epoch(offline_ru
     assert saved == run_id(first_records)
     assert [row["_step"] for row in history(second_records)] == [4]
     assert [row["epoch"] for row in read_metrics(root / "runs" / "tracked")] == [1, 2, 3, 4]
+
+
+def mlflow_runs(uri: str) -> list:
+    return mlflow.MlflowClient(tracking_uri=uri).search_runs(
+        [e.experiment_id for e in mlflow.MlflowClient(tracking_uri=uri).search_experiments()]
+    )
+
+
+def assert_mlflow_run_holds(client: mlflow.MlflowClient, run_id: str, config: dict, rows: list[dict]) -> None:
+    """Params: the flat config; metrics: every row's numbers and lr per group, each epoch once."""
+    logged = client.get_run(run_id)
+    assert logged.data.params == {k: str(v) for k, v in tracking.flat_config(config).items()}
+    for key in ("val_loss", "train_loss", "val_auroc", "lr/head", "trainable_stages"):
+        history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+        expected = [(row["epoch"], tracking.epoch_metrics(row)[key]) for row in rows]
+        assert [step for step, _ in history] == [step for step, _ in expected], key
+        assert all(values_equal(v, e) for (_, v), (_, e) in zip(history, expected, strict=True)), key
+
+
+@pytest.mark.multiprocess
+def test_two_rank_run_logs_one_mlflow_run_and_the_resume_continues_it(offline_run):
+    uri = f"sqlite:///{offline_run.root / 'runs' / 'mlflow.db'}"  # the default store
+    (run,) = mlflow_runs(uri)  # two ranks, two starts: one run
+    assert run.info.run_id == offline_run.first_mlflow_id == last_progress(offline_run.run_dir)["mlflow_run_id"]
+    assert run.info.run_name == "tracked" and run.info.status == "FINISHED" and run.data.tags["ci"] == "true"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    assert client.get_experiment(run.info.experiment_id).name == "anemia-dist"
+    rows = read_metrics(offline_run.run_dir)
+    assert [row["epoch"] for row in rows] == [1, 2, 3, 4]
+    # MLflow params are write-once: the first start's config stays (the resume changed train.epochs).
+    assert_mlflow_run_holds(client, run.info.run_id, offline_run.first_config, rows)
+    final = json.loads((offline_run.run_dir / "summary.json").read_text())
+    assert run.data.metrics["best_val_loss"] == pytest.approx(final["best_val_loss"], rel=1e-12)
+    assert run.data.metrics["unfreeze_epoch"] == 2 and run.data.tags["stop_reason"] == "max_epochs"
+
+
+def hparams(folder: Path) -> list[dict]:
+    """The hparams TensorBoard records (one per start), read with its own reader and protobufs."""
+    found = []
+    for sub in sorted(p for p in folder.iterdir() if any(p.glob("events.out.tfevents.*"))):
+        events = EventAccumulator(str(sub))
+        events.Reload()
+        for content in events.PluginTagToContent("hparams").values():
+            data = plugin_data_pb2.HParamsPluginData.FromString(content)
+            if data.HasField("session_start_info"):
+                found.append({k: getattr(v, v.WhichOneof("kind")) for k, v in data.session_start_info.hparams.items()})
+    return found
+
+
+@pytest.mark.multiprocess
+def test_two_rank_run_writes_tensorboard_events_once_per_start(offline_run):
+    folder = offline_run.run_dir / "tensorboard"
+    assert len(list(folder.glob("events.out.tfevents.*"))) == 2  # the main process, at each of two starts
+    rows = read_metrics(offline_run.run_dir)
+    for key in ("val_loss", "train_acc", "lr/head", "lr/layer4"):
+        logged = tensorboard_scalars(folder, key)
+        assert logged == [(r["epoch"], pytest.approx(tracking.epoch_metrics(r)[key], rel=1e-6)) for r in rows], key
+    final = json.loads((offline_run.run_dir / "summary.json").read_text())
+    assert tensorboard_scalars(folder, "summary/best_val_loss") == [
+        (3, pytest.approx(offline_run.first_summary["best_val_loss"], rel=1e-6)),
+        (4, pytest.approx(final["best_val_loss"], rel=1e-6)),
+    ]
+    first_start = hparams(folder)[0]
+    expected = tracking.flat_config(offline_run.first_config)
+    assert first_start == {k: pytest.approx(v) if isinstance(v, float) else v for k, v in expected.items()}
+
+
+@pytest.mark.multiprocess
+def test_a_tracker_that_cannot_start_stops_every_rank_with_the_reason(tmp_path):
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        address = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    data = make_image_folder(tmp_path / "data", {"anemic": 12, "non-anemic": 12})
+    args = ["-m", "anemia_dist", "train", *TINY, f"data.root={data}", f"run.output_dir={tmp_path / 'runs'}"]
+    args += ["run.name=r", "tracking.log_with=[mlflow]", f"tracking.mlflow_uri={address}"]
+    result = launch(args, timeout=180)  # a rank left waiting for the main process would hang here
+    assert result.returncode != 0
+    assert f"tracking.mlflow_uri: MLflow server cannot reach {address}" in result.stderr
+    assert read_metrics(tmp_path / "runs" / "r") == [] and not (tmp_path / "runs" / "r" / "checkpoints").exists()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real ``mlflow server`` on 127.0.0.1 (a free port), stopped with all its processes at the end."""
+    port = free_port()
+    command = ["mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    command += ["--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}"]
+    command += ["--artifacts-destination", str(tmp_path / "artifacts")]
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    log = (tmp_path / "server.log").open("w")
+    server = subprocess.Popen(
+        [str(mlflow_bin), *command[1:]], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while tracking.unreachable(url) is not None:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()
+            assert time.monotonic() < deadline, "mlflow server did not start in 120 s"
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()
+
+
+def test_a_run_logs_to_a_real_mlflow_server(tmp_path, mlflow_server):
+    data = make_image_folder(tmp_path / "data", {"anemic": 12, "non-anemic": 12})
+    args = [*TINY, f"data.root={data}", "train.epochs=2", "unfreeze.epoch=1", f"run.output_dir={tmp_path / 'runs'}"]
+    args += ["run.name=served", "tracking.log_with=[mlflow]", f"tracking.mlflow_uri={mlflow_server}"]
+    args += ["tracking.project=screening"]
+    result = subprocess.run(
+        [sys.executable, "-m", "anemia_dist", "train", *args],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    check(result)
+    run_dir = tmp_path / "runs" / "served"
+    (run,) = mlflow_runs(mlflow_server)
+    assert run.info.run_id == last_progress(run_dir)["mlflow_run_id"] and run.info.run_name == "served"
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    assert client.get_experiment(run.info.experiment_id).name == "screening"
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert_mlflow_run_holds(client, run.info.run_id, config, read_metrics(run_dir))
+    assert not (tmp_path / "runs" / "mlflow.db").exists()  # nothing went to the default store
