@@ -402,6 +402,7 @@ def mlflow_server(tmp_path):
         log.close()
 
 
+@pytest.mark.multiprocess
 def test_a_run_logs_to_a_real_mlflow_server(tmp_path, mlflow_server):
     data = make_image_folder(tmp_path / "data", {"anemic": 12, "non-anemic": 12})
     args = [*TINY, f"data.root={data}", "train.epochs=2", "unfreeze.epoch=1", f"run.output_dir={tmp_path / 'runs'}"]
