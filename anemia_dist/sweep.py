@@ -101,7 +101,10 @@ def load_sweep(path: str | Path) -> Sweep:
     overrides = loaded.get("overrides") or []
     if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
         raise error(path, "overrides", "must be a list of key=value strings, e.g. [train.epochs=30]")
-    sweep = Sweep(path, spec, _base_config(path, loaded.get("config")), overrides, int(loaded.get("seed") or 0))
+    seed = loaded.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise error(path, "seed", f"must be an integer, got {seed!r}")
+    sweep = Sweep(path, spec, _base_config(path, loaded.get("config")), overrides, seed)
     _validate_values(sweep)
     return sweep
 

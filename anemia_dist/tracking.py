@@ -62,7 +62,7 @@ def run_dir(cfg: Config) -> str:
 def wandb_init_kwargs(cfg: Config, run_id: str | None, mode: str) -> dict[str, Any]:
     """``wandb.init`` arguments; ``run_id`` continues that W&B run."""
     kwargs: dict[str, Any] = {
-        "name": cfg.tracking.run_name or cfg.run.name,
+        "name": _display_name(cfg),
         "entity": cfg.tracking.entity,
         "tags": cfg.tracking.tags or None,
         "mode": mode,

@@ -64,6 +64,7 @@ def test_sweep_file_checks_name_the_top_level_key(tmp_path):
         ({"method": "grid", "parameters": {}}, "parameters: needs at least one config key"),
         ({"method": "grid", "parameters": {"optim.lr": {"values": [1]}}, "config": "nope.yaml"}, "config: --config"),
         ({"method": "grid", "parameters": {"optim.lr": {"values": [1]}}, "overrides": "a=1"}, "overrides: must be"),
+        ({"method": "random", "parameters": {"optim.lr": {"values": [1]}}, "seed": "x"}, "seed: must be an integer"),
     ]
     for spec, named in cases:
         with pytest.raises(ConfigError, match=f"^{tmp_path}/s.yaml: {named}"):
