@@ -286,3 +286,24 @@ def test_sweep_trial_outside_an_agent_says_what_starts_it(monkeypatch, capsys):
     monkeypatch.delenv("WANDB_RUN_ID", raising=False)
     assert main(["sweep", "trial", "optim.lr=1e-3"]) == 2
     assert "trials are started by a W&B agent" in capsys.readouterr().err
+
+
+def test_sweep_init_creates_the_sweep_in_the_base_configs_project_and_prints_the_agent_line(
+    tmp_path, monkeypatch, capsys
+):
+    import wandb
+
+    created = []
+    monkeypatch.setattr(
+        wandb, "sweep", lambda config, project, entity: created.append((config, project, entity)) or "abc123"
+    )
+    path = write_sweep(
+        tmp_path / "s.yaml",
+        method="grid",
+        overrides=["tracking.project=anemia-sweeps", "tracking.entity=lab"],
+        parameters={"optim.lr": {"values": [1e-4]}},
+    )
+    assert main(["sweep", "init", str(path)]) == 0
+    ((config, project, entity),) = created  # the server's own checks are not run here
+    assert (project, entity) == ("anemia-sweeps", "lab") and config == sweep.wandb_config(sweep.load_sweep(path))
+    assert "slurm/sweep_agent.sbatch lab/anemia-sweeps/abc123" in capsys.readouterr().out
