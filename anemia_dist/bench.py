@@ -27,7 +27,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from .batch_augment import TrainAugment
-from .config import ARCHS, Config, DataConfig, ModelConfig, TrainConfig, load_config
+from .config import Config, load_config
 from .datasets import CachedImages, ImageDataset, decode_all
 from .errors import DataError
 from .images import IMAGE_EXTENSIONS, working_size
@@ -38,33 +38,6 @@ from .trainer import apply_speed_settings, build_optimizer, training_step, unfre
 from .transforms import train_transform
 
 GENERATED_SETS = {"640x480": (640, 480), "3000x4000": (3000, 4000)}
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", help="folder of images to use (searched recursively); default: generated JPEGs")
-    parser.add_argument("--output", default="bench.json", help="where to write the JSON results")
-    parser.add_argument("--arch", default=ModelConfig.arch, choices=ARCHS)
-    parser.add_argument("--image-size", type=int, default=DataConfig.image_size)
-    parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help="loader workers for both pipelines; default 0 on CPU (one core each), 8 on a GPU",
-    )
-    parser.add_argument("--small", type=int, default=64, help="generated 640x480 JPEGs")
-    parser.add_argument("--large", type=int, default=12, help="generated 3000x4000 JPEGs")
-    parser.add_argument("--seconds", type=float, default=3.0, help="minimum timed seconds per data measurement")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per model measurement")
-    parser.add_argument("--e2e-steps", type=int, default=20, help="timed end-to-end training steps per pipeline")
-    parser.add_argument(
-        "--precision",
-        choices=["bf16", "fp32"],
-        default=None,
-        help="default: bf16 autocast on a GPU that supports it, else fp32",
-    )
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model (model rates only)")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available, else cpu")
 
 
 @dataclass

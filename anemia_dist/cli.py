@@ -1,4 +1,9 @@
-"""``anemia-dist`` (= ``python -m anemia_dist``): one entry point, one sub-command per job."""
+"""``anemia-dist`` (= ``python -m anemia_dist``): one entry point, one sub-command per job.
+
+Every sub-command's arguments are defined here and its module is imported only when it runs:
+importing torch takes seconds, which ``--help``, ``sweep`` and the parent of every launch need not
+wait for (tests/unit/test_cli.py checks that building the parser imports no torch).
+"""
 
 from __future__ import annotations
 
@@ -10,12 +15,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .bench import add_arguments as add_bench_arguments
-from .config import ARCHS, load_config
+from .config import ARCHS, DataConfig, ModelConfig, TrainConfig, load_config
 from .console import configure_logging
 from .errors import USER_ERRORS
-from .preemption import PREEMPTED_EXIT_CODE, Preempted
 from .run_dir import AUDIT_JSON, BEST, CURVES, METRICS, REPORT, REPORT_PAGE, SUMMARY
+from .sweep import add_arguments as add_sweep_arguments
 
 
 def _is_main_rank() -> bool:
@@ -23,6 +27,7 @@ def _is_main_rank() -> bool:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .preemption import PREEMPTED_EXIT_CODE, Preempted
     from .trainer import train
 
     cfg = load_config(args.config, args.overrides)
@@ -144,6 +149,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import main as sweep_main
+
+    return sweep_main(args)
+
+
 def cmd_fetch_weights(args: argparse.Namespace) -> int:
     from .model import fetch_imagenet_weights
 
@@ -186,8 +197,37 @@ def _add_fetch_parser(sub: argparse._SubParsersAction) -> None:
 
 def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="input-pipeline and training throughput, PIL vs cached pipeline (JSON)")
-    add_bench_arguments(bench)
+    bench.add_argument("--data", help="folder of images to use (searched recursively); default: generated JPEGs")
+    bench.add_argument("--output", default="bench.json", help="where to write the JSON results")
+    bench.add_argument("--arch", default=ModelConfig.arch, choices=ARCHS)
+    bench.add_argument("--image-size", type=int, default=DataConfig.image_size)
+    bench.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    bench.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="loader workers for both pipelines; default 0 on CPU (one core each), 8 on a GPU",
+    )
+    bench.add_argument("--small", type=int, default=64, help="generated 640x480 JPEGs")
+    bench.add_argument("--large", type=int, default=12, help="generated 3000x4000 JPEGs")
+    bench.add_argument("--seconds", type=float, default=3.0, help="minimum timed seconds per data measurement")
+    bench.add_argument("--steps", type=int, default=20, help="timed steps per model measurement")
+    bench.add_argument("--e2e-steps", type=int, default=20, help="timed end-to-end training steps per pipeline")
+    bench.add_argument(
+        "--precision",
+        choices=["bf16", "fp32"],
+        default=None,
+        help="default: bf16 autocast on a GPU that supports it, else fp32",
+    )
+    bench.add_argument("--compile", action="store_true", help="torch.compile the model (model rates only)")
+    bench.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available, else cpu")
     bench.set_defaults(func=cmd_bench)
+
+
+def _add_sweep_parser(sub: argparse._SubParsersAction) -> None:
+    sweep = sub.add_parser("sweep", help="hyperparameter sweeps over config keys: W&B (init) or a local grid (run)")
+    add_sweep_arguments(sweep)
+    sweep.set_defaults(func=cmd_sweep)
 
 
 def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
@@ -256,6 +296,7 @@ SUBCOMMANDS = (
     _add_audit_parser,
     _add_fetch_parser,
     _add_bench_parser,
+    _add_sweep_parser,
     _add_evaluate_parser,
     _add_predict_parser,
     _add_export_parser,

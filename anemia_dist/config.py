@@ -360,23 +360,41 @@ WANDB_MODES = ("off", "online", "offline")
 
 @dataclass
 class TrackingConfig:
-    """Weights & Biases, through Accelerate's tracker on the main process (see tracking.py)."""
+    """Experiment trackers, through Accelerate's trackers on the main process (see tracking.py)."""
 
+    log_with: list[Literal["wandb", "mlflow", "tensorboard"]] = field(default_factory=list)
+    """Any of wandb, mlflow, tensorboard: each gets the config, every epoch's row and the outcome.
+    ``tracking.wandb=online`` or ``offline`` adds wandb."""
     wandb: str | bool = "off"
-    """``off``, ``online`` or ``offline`` (YAML reads a bare ``off`` as false; that means off too).
-    ``online`` without a key or network falls back to offline with a message. A set WANDB_MODE
-    environment variable wins, as everywhere in W&B (``WANDB_MODE=offline`` on compute nodes)."""
+    """W&B's mode: ``off``, ``online`` or ``offline`` (YAML reads a bare ``off`` as false; that
+    means off too); ``off`` with wandb in tracking.log_with means online. ``online`` without a key
+    or network falls back to offline with a message. A set WANDB_MODE environment variable wins,
+    as everywhere in W&B (``WANDB_MODE=offline`` on compute nodes)."""
     project: str = "anemia-dist"
+    """W&B project and MLflow experiment."""
     entity: str | None = None
     """W&B user or team; default: the key's default entity."""
     run_name: str | None = None
-    """Display name in W&B; default: run.name."""
+    """Display name in W&B and MLflow; default: run.name."""
     tags: list[str] = field(default_factory=list)
+    """W&B tags; in MLflow, tags named so with the value ``true``."""
+    mlflow_uri: str | None = None
+    """MLflow tracking URI: a server (``http://host:5000``) or a store (``sqlite:///path/mlflow.db``).
+    Default: ``$MLFLOW_TRACKING_URI``, else ``sqlite:///RUN.OUTPUT_DIR/mlflow.db``, one store for
+    the runs there. An unreachable server stops the run before it trains."""
+    tensorboard_dir: str | None = None
+    """Folder shared by runs: TensorBoard event files go to TENSORBOARD_DIR/RUN.NAME. Default:
+    RUN/tensorboard (``tensorboard --logdir RUN.OUTPUT_DIR`` finds every run)."""
 
     def __post_init__(self) -> None:
         if self.wandb is False:
             self.wandb = "off"
         _check(self.wandb in WANDB_MODES, "tracking.wandb", f"must be off, online or offline, got {self.wandb!r}")
+        _check(
+            len(set(self.log_with)) == len(self.log_with),
+            "tracking.log_with",
+            f"names a tracker twice: {self.log_with}",
+        )
         _check(
             bool(self.project.strip()) and not any(c in self.project for c in "/\\#?%:"),
             "tracking.project",

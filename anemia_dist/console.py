@@ -10,9 +10,12 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-from accelerate import Accelerator
 from tqdm.auto import tqdm
+
+if TYPE_CHECKING:  # importing accelerate imports torch: seconds that `anemia-dist --help` need not wait
+    from accelerate import Accelerator
 
 PACKAGE = "anemia_dist"
 MAIN_PROCESS_PREFIX = "[RANK 0] "

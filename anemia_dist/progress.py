@@ -68,6 +68,8 @@ class TrainingProgress:
     partial_seconds: float = 0.0
     unfrozen: bool = False
     tracker_run_id: str | None = None
+    """The W&B run id (a resumed run continues that run)."""
+    mlflow_run_id: str | None = None
 
     def pause(self, step: int, totals: Totals, seconds: float) -> None:
         """Stopped after ``step`` batches of epoch ``epoch + 1``: what a preemption checkpoint carries."""
@@ -86,6 +88,7 @@ class TrainingProgress:
             "partial_seconds": self.partial_seconds,
             "unfrozen": self.unfrozen,
             "tracker_run_id": self.tracker_run_id,
+            "mlflow_run_id": self.mlflow_run_id,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -39,6 +39,12 @@ ROC = "roc.png"
 PRECISION_RECALL = "precision_recall.png"
 CONFUSION = "confusion.png"
 RELIABILITY = "reliability.png"
+TENSORBOARD_EVENTS = "tensorboard"
+"""TensorBoard event files, when ``tracking.tensorboard_dir`` is unset (:mod:`anemia_dist.tracking`)."""
+MLFLOW_STORE = "mlflow.db"
+"""In run.output_dir, shared by the runs there: the default MLflow store, a SQLite file."""
+MLFLOW_ARTIFACTS = "mlartifacts"
+"""In run.output_dir: artifacts of the experiments the default MLflow store creates."""
 
 
 class RunDirectory:

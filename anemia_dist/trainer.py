@@ -115,7 +115,7 @@ def train(cfg: Config) -> dict[str, Any]:
         )
         logger.info(f"resumed from {resume_from} (epoch {progress.epoch}, step {progress.step})")
     rows = broadcast_from_main(run.keep_metrics_through(progress.epoch))
-    progress.tracker_run_id = tracking.start(accelerator, cfg, progress.tracker_run_id)
+    tracking.start(accelerator, cfg, progress)
     run.remove(PREEMPTED)
     log_start(accelerator, cfg, split, run)
 
@@ -160,7 +160,6 @@ def train(cfg: Config) -> dict[str, Any]:
 def make_accelerator(cfg: Config) -> Accelerator:
     return Accelerator(
         mixed_precision=cfg.train.mixed_precision,
-        log_with=tracking.log_with(cfg.tracking),
         # The plateau scheduler is stepped once per epoch with the global validation loss; by
         # default Accelerate would step it once per process.
         step_scheduler_with_optimizer=False,

@@ -5,6 +5,22 @@
 # requeue the job on it. Must equal anemia_dist.preemption.PREEMPTED_EXIT_CODE.
 PREEMPTED_EXIT_CODE=75
 
+# The `accelerate launch` arguments for one node's processes, into the array `launch`:
+# CPU_PROCESSES=N CPU processes (tests, CI), else one process per GPU of the job.
+single_node_launch_args() {
+    if [[ -n ${CPU_PROCESSES:-} ]]; then
+        export ACCELERATE_USE_CPU=true # see accelerate_configs/cpu_2proc.yaml
+        launch=(--config_file accelerate_configs/cpu_2proc.yaml --num_processes "$CPU_PROCESSES")
+    elif ((${SLURM_GPUS_ON_NODE:-0} == 1)); then
+        launch=(--config_file accelerate_configs/single_gpu.yaml)
+    elif ((${SLURM_GPUS_ON_NODE:-0} > 1)); then
+        launch=(--config_file "${ACCELERATE_CONFIG:-accelerate_configs/multi_gpu_bf16.yaml}" --num_processes "$SLURM_GPUS_ON_NODE")
+    else
+        echo "no GPUs in this job: request them (sbatch --gres=gpu:N) or set CPU_PROCESSES=N" >&2
+        exit 2
+    fi
+}
+
 # Wait until process $1 has exited and return its status. A trapped signal interrupts `wait`
 # early, so wait again while the process lives; bash keeps the status for the final `wait`.
 wait_for_exit() {

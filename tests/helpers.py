@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 from accelerate import Accelerator
 from PIL import Image, ImageCms
 
@@ -37,6 +38,22 @@ TINY = [
     "data.num_workers=0",
     "train.batch_size=4",
 ]
+
+
+ONE_PROCESS = "--num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no"
+"""``accelerate launch`` arguments of one CPU process (a sweep trial's ``--launch-args``)."""
+
+
+def write_sweep(path: Path, **spec) -> Path:
+    """A sweep file (YAML) with these top-level keys."""
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def tiny_grid(path: Path, data: Path | str, output: Path | str, **parameters) -> Path:
+    """A grid sweep file of one-epoch TINY trials on ``data``, run into ``output``."""
+    overrides = [*TINY, f"data.root={data}", "train.epochs=1", f"run.output_dir={output}"]
+    return write_sweep(path, method="grid", overrides=overrides, parameters=parameters)
 
 
 def write_image(path: Path, rgb: tuple[int, int, int], size: int = 24, mode: str = "RGB", seed: int = 0) -> None:
@@ -102,6 +119,15 @@ def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
         f"exit {result.returncode}\nSTDOUT:\n{result.stdout[-4000:]}\nSTDERR:\n{result.stderr[-6000:]}"
     )
     return result
+
+
+def tensorboard_scalars(folder: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of one scalar, read with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return [(event.step, event.value) for event in events.Scalars(tag)]
 
 
 def script(name: str) -> str:

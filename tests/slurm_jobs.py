@@ -48,6 +48,15 @@ def wait_for(slurm_env: dict, job: str, condition, timeout: float = 300) -> dict
     raise AssertionError(f"job {job} timed out waiting; last state {info.get('JobState')}: {info}")
 
 
+def all_tasks_finished(slurm_env: dict, job: str, tasks: int) -> bool:
+    """Every task of array job ``job`` has ended (each is one line of ``scontrol show job``)."""
+    out = subprocess.run(
+        ["scontrol", "show", "job", "-o", job], env=slurm_env, capture_output=True, text=True, check=True
+    ).stdout
+    states = re.findall(r"JobState=(\S+)", out)
+    return len(states) == tasks and all(state in FINISHED for state in states)
+
+
 def run_job(slurm_env: dict, workdir: Path, script: str, args: list[str], timeout: float = 300, **kwargs):
     job = submit(slurm_env, workdir, script, args, **kwargs)
     try:

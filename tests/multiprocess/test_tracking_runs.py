@@ -1,23 +1,39 @@
-"""W&B in real runs: the offline fallback of a one-process run, and what a real 2-rank offline
-run writes, read back from its ``.wandb`` file with wandb's own protobuf records."""
+"""Trackers in real runs: the W&B offline fallback of a one-process run, and what a real 2-rank
+run writes to W&B (read back from its ``.wandb`` file with wandb's own protobuf records), MLflow
+(``mlflow.get_run`` on the default store, and on a real ``mlflow server``) and TensorBoard
+(tensorboard's ``EventAccumulator``); a tracker that cannot start stops every rank."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import mlflow
 import pytest
 import yaml
-from helpers import ROOT, TINY, check, launch, make_image_folder
+from helpers import ROOT, TINY, check, free_port, launch, make_image_folder, run_cli, tensorboard_scalars
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
 from wandb_records import config, history, read_records, run_id, summary
 
-from anemia_dist.run_dir import CHECKPOINT_INFO, CHECKPOINTS, CONFIG, SUMMARY, read_metrics
+from anemia_dist import tracking
+from anemia_dist.run_dir import (
+    CHECKPOINT_INFO,
+    CHECKPOINTS,
+    CONFIG,
+    MLFLOW_STORE,
+    SUMMARY,
+    TENSORBOARD_EVENTS,
+    read_metrics,
+)
 
 pytestmark = pytest.mark.multiprocess
 
@@ -75,7 +91,9 @@ def wandb_runs(directory: Path) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def offline_run(tmp_path_factory):
-    """A real 2-rank run with WANDB_MODE=offline (as on a compute node) although the config says online."""
+    """A real 2-rank run logging to all three trackers, then resumed for one more epoch. W&B runs
+    with WANDB_MODE=offline (as on a compute node) although the config says online; MLflow logs to
+    its default store in run.output_dir."""
     root = tmp_path_factory.mktemp("tracking")
     data = make_image_folder(root / "data", {"anemic": 12, "non-anemic": 12})
     args = [
@@ -89,13 +107,15 @@ def offline_run(tmp_path_factory):
         f"run.output_dir={root / 'runs'}",
         "run.name=tracked",
         "tracking.wandb=online",
+        "tracking.log_with=[mlflow, tensorboard]",
         "tracking.tags=[ci]",
     ]
-    env = {"WANDB_MODE": "offline", "WANDB_DIR": str(root)}
+    env = {"WANDB_MODE": "offline", "WANDB_DIR": str(root), "MLFLOW_TRACKING_URI": ""}
     run_dir = root / "runs" / "tracked"
     first = check(launch([*args, "train.epochs=3"], env=env))
     first_runs, first_summary = wandb_runs(root), json.loads((run_dir / SUMMARY).read_text())
     first_config = yaml.safe_load((run_dir / CONFIG).read_text())
+    first_mlflow_id = last_progress(run_dir)["mlflow_run_id"]
     check(launch([*args, "train.epochs=4", "run.resume=auto"], env=env))
     return SimpleNamespace(
         root=root,
@@ -104,7 +124,13 @@ def offline_run(tmp_path_factory):
         first_runs=first_runs,
         first_summary=first_summary,
         first_config=first_config,
+        first_mlflow_id=first_mlflow_id,
     )
+
+
+def last_progress(run_dir: Path) -> dict:
+    newest = sorted((run_dir / CHECKPOINTS).glob("epoch-*"))[-1]
+    return json.loads((newest / CHECKPOINT_INFO).read_text())["progress"]
 
 
 def values_equal(logged, expected) -> bool:
@@ -151,8 +177,130 @@ def test_resumed_run_continues_the_same_wandb_run_from_the_next_epoch(offline_ru
     first_records = read_records(next(first_runs[0].glob("run-*.wandb")))
     second_records = read_records(next(second.glob("run-*.wandb")))
     assert run_id(second_records) == run_id(first_records)
-    checkpoints = sorted((root / "runs" / "tracked" / CHECKPOINTS).glob("epoch-*"))
-    saved = json.loads((checkpoints[-1] / CHECKPOINT_INFO).read_text())["progress"]["tracker_run_id"]
+    saved = last_progress(root / "runs" / "tracked")["tracker_run_id"]
     assert saved == run_id(first_records)
     assert [row["_step"] for row in history(second_records)] == [4]
     assert [row["epoch"] for row in read_metrics(root / "runs" / "tracked")] == [1, 2, 3, 4]
+
+
+def mlflow_runs(uri: str) -> list:
+    return mlflow.MlflowClient(tracking_uri=uri).search_runs(
+        [e.experiment_id for e in mlflow.MlflowClient(tracking_uri=uri).search_experiments()]
+    )
+
+
+def assert_mlflow_run_holds(client: mlflow.MlflowClient, run_id: str, config: dict, rows: list[dict]) -> None:
+    """Params: the flat config; metrics: every row's numbers and lr per group, each epoch once."""
+    logged = client.get_run(run_id)
+    assert logged.data.params == {k: str(v) for k, v in tracking.flat_config(config).items()}
+    for key in ("val_loss", "train_loss", "val_auroc", "lr/head", "trainable_stages"):
+        history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+        expected = [(row["epoch"], tracking.logged_values(row)[key]) for row in rows]
+        assert [step for step, _ in history] == [step for step, _ in expected], key
+        assert all(values_equal(v, e) for (_, v), (_, e) in zip(history, expected, strict=True)), key
+
+
+def test_two_rank_run_logs_one_mlflow_run_and_the_resume_continues_it(offline_run):
+    uri = f"sqlite:///{offline_run.root / 'runs' / MLFLOW_STORE}"  # the default store
+    (run,) = mlflow_runs(uri)  # two ranks, two starts: one run
+    assert run.info.run_id == offline_run.first_mlflow_id == last_progress(offline_run.run_dir)["mlflow_run_id"]
+    assert run.info.run_name == "tracked" and run.info.status == "FINISHED" and run.data.tags["ci"] == "true"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    assert client.get_experiment(run.info.experiment_id).name == "anemia-dist"
+    rows = read_metrics(offline_run.run_dir)
+    assert [row["epoch"] for row in rows] == [1, 2, 3, 4]
+    # MLflow params are write-once: the first start's config stays (the resume changed train.epochs).
+    assert_mlflow_run_holds(client, run.info.run_id, offline_run.first_config, rows)
+    final = json.loads((offline_run.run_dir / SUMMARY).read_text())
+    assert run.data.metrics["best_val_loss"] == pytest.approx(final["best_val_loss"], rel=1e-12)
+    assert run.data.metrics["unfreeze_epoch"] == 2 and run.data.tags["stop_reason"] == "max_epochs"
+
+
+def hparams(folder: Path) -> list[dict]:
+    """The hparams TensorBoard records (one per start), read with its own reader and protobufs."""
+    found = []
+    for sub in sorted(p for p in folder.iterdir() if any(p.glob("events.out.tfevents.*"))):
+        events = EventAccumulator(str(sub))
+        events.Reload()
+        for content in events.PluginTagToContent("hparams").values():
+            data = plugin_data_pb2.HParamsPluginData.FromString(content)
+            if data.HasField("session_start_info"):
+                found.append({k: getattr(v, v.WhichOneof("kind")) for k, v in data.session_start_info.hparams.items()})
+    return found
+
+
+def test_two_rank_run_writes_tensorboard_events_once_per_start(offline_run):
+    folder = offline_run.run_dir / TENSORBOARD_EVENTS
+    assert len(list(folder.glob("events.out.tfevents.*"))) == 2  # the main process, at each of two starts
+    rows = read_metrics(offline_run.run_dir)
+    for key in ("val_loss", "train_acc", "lr/head", "lr/layer4"):
+        logged = tensorboard_scalars(folder, key)
+        assert logged == [(r["epoch"], pytest.approx(tracking.logged_values(r)[key], rel=1e-6)) for r in rows], key
+    final = json.loads((offline_run.run_dir / SUMMARY).read_text())
+    assert tensorboard_scalars(folder, "summary/best_val_loss") == [
+        (3, pytest.approx(offline_run.first_summary["best_val_loss"], rel=1e-6)),
+        (4, pytest.approx(final["best_val_loss"], rel=1e-6)),
+    ]
+    first_start = hparams(folder)[0]
+    expected = tracking.flat_config(offline_run.first_config)
+    assert first_start == {k: pytest.approx(v) if isinstance(v, float) else v for k, v in expected.items()}
+
+
+def test_a_tracker_that_cannot_start_stops_every_rank_with_the_reason(tmp_path):
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        address = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    data = make_image_folder(tmp_path / "data", {"anemic": 12, "non-anemic": 12})
+    args = ["-m", "anemia_dist", "train", *TINY, f"data.root={data}", f"run.output_dir={tmp_path / 'runs'}"]
+    args += ["run.name=r", "tracking.log_with=[mlflow]", f"tracking.mlflow_uri={address}"]
+    result = launch(args, timeout=180)  # a rank left waiting for the main process would hang here
+    assert result.returncode != 0
+    assert f"tracking.mlflow_uri: MLflow server cannot reach {address}" in result.stderr
+    assert read_metrics(tmp_path / "runs" / "r") == [] and not (tmp_path / "runs" / "r" / CHECKPOINTS).exists()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real ``mlflow server`` on 127.0.0.1 (a free port), stopped with all its processes at the end."""
+    port = free_port()
+    command = ["server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    command += ["--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}"]
+    command += ["--artifacts-destination", str(tmp_path / "artifacts")]
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    log = (tmp_path / "server.log").open("w")
+    server = subprocess.Popen(
+        [str(mlflow_bin), *command], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while tracking.unreachable(url) is not None:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()
+            assert time.monotonic() < deadline, "mlflow server did not start in 120 s"
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()
+
+
+def test_a_run_logs_to_a_real_mlflow_server(tmp_path, mlflow_server):
+    data = make_image_folder(tmp_path / "data", {"anemic": 12, "non-anemic": 12})
+    args = [*TINY, f"data.root={data}", "train.epochs=2", "unfreeze.head_only_epochs=1"]
+    args += [f"run.output_dir={tmp_path / 'runs'}", "run.name=served", "tracking.log_with=[mlflow]"]
+    args += [f"tracking.mlflow_uri={mlflow_server}", "tracking.project=screening"]
+    check(run_cli("train", *args, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}))
+    run_dir = tmp_path / "runs" / "served"
+    (run,) = mlflow_runs(mlflow_server)
+    assert run.info.run_id == last_progress(run_dir)["mlflow_run_id"] and run.info.run_name == "served"
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    assert client.get_experiment(run.info.experiment_id).name == "screening"
+    config = yaml.safe_load((run_dir / CONFIG).read_text())
+    assert_mlflow_run_holds(client, run.info.run_id, config, read_metrics(run_dir))
+    assert not (tmp_path / "runs" / MLFLOW_STORE).exists()  # nothing went to the default store

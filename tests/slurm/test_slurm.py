@@ -18,19 +18,31 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import TINY, free_port, make_image_folder
-from slurm_jobs import FINISHED, SLURM, epochs_printed, job_info, output_of, run_job, submit, wait_for
+import yaml
+from helpers import TINY, free_port, make_image_folder, script
+from slurm_jobs import (
+    FINISHED,
+    SLURM,
+    all_tasks_finished,
+    epochs_printed,
+    job_info,
+    output_of,
+    run_job,
+    submit,
+    wait_for,
+)
 
+from anemia_dist import sweep
 from anemia_dist.preemption import PREEMPTED_EXIT_CODE
-from anemia_dist.run_dir import BEST, SUMMARY, WEIGHTS, read_metrics
+from anemia_dist.run_dir import BEST, CONFIG, SUMMARY, WEIGHTS, read_metrics
 
 SCRIPTS = [SLURM / name for name in ("lib.sh", "node_launch.sh", "local_cluster.sh")] + sorted(SLURM.glob("*.sbatch"))
 
 
 def test_scripts_parse_and_agree_on_the_preemption_exit_code():
-    for script in SCRIPTS:
-        result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
-        assert result.returncode == 0, f"{script.name}: {result.stderr}"
+    for path in SCRIPTS:
+        result = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+        assert result.returncode == 0, f"{path.name}: {result.stderr}"
     assert re.search(rf"^PREEMPTED_EXIT_CODE={PREEMPTED_EXIT_CODE}$", (SLURM / "lib.sh").read_text(), re.M)
 
 
@@ -148,3 +160,37 @@ def test_signalled_job_checkpoints_requeues_itself_and_resumes_to_the_end(slurm_
     assert before + after == list(range(1, epochs + 1))
     assert [row["epoch"] for row in read_metrics(run_dir)] == list(range(1, epochs + 1))
     assert json.loads((run_dir / SUMMARY).read_text())["best_epoch"] is not None
+
+
+@pytest.mark.slurm
+@pytest.mark.multiprocess
+def test_sweep_agent_array_runs_one_trial_per_task_as_an_accelerate_launch_run(slurm_env, tmp_path):
+    """Each array task starts an agent (W&B's own agent code behind a stand-in ``wandb`` command:
+    there is no server here) whose trial trains with the processes this job's script chose."""
+    data = make_image_folder(tmp_path / "data", {"anemic": 12, "non-anemic": 12})
+    sweep_file = tmp_path / "lr.yaml"
+    overrides = [*TINY, f"data.root={data}", "train.epochs=1", f"run.output_dir={tmp_path / 'runs'}"]
+    sweep_file.write_text(
+        yaml.safe_dump({"method": "grid", "overrides": overrides, "parameters": {"optim.lr": {"values": [1e-3, 3e-4]}}})
+    )
+    (tmp_path / "sweep.json").write_text(json.dumps(sweep.wandb_config(sweep.load_sweep(sweep_file))))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "wandb"
+    fake.write_text(f'#!/bin/sh\nexec {sys.executable} {script("fake_wandb_agent.py")} "$@"\n')
+    fake.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:{slurm_env['PATH']}", "FAKE_SWEEP_CONFIG": str(tmp_path / "sweep.json")}
+    env |= {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "CPU_PROCESSES": "1"}
+    job = submit(slurm_env, tmp_path, "sweep_agent.sbatch", ["lab/anemia/swp9"], ("--array=0-1",), env=env)
+    try:
+        wait_for(slurm_env, job, lambda _: all_tasks_finished(slurm_env, job, 2), timeout=600)
+    finally:
+        subprocess.run(["scancel", job], env=slurm_env, capture_output=True)
+    for task, lr in ((0, 1e-3), (1, 3e-4)):
+        output = (tmp_path / f"slurm-anemia-dist-sweep-{job}_{task}.out").read_text()
+        assert f"task {task} on" in output and "agent for sweep lab/anemia/swp9, 1 trial(s)" in output, output[-4000:]
+        assert "--config_file accelerate_configs/cpu_2proc.yaml --num_processes 1" in output
+        run_dir = tmp_path / "runs" / "sweep-swp9" / f"task{task}"
+        assert yaml.safe_load((run_dir / CONFIG).read_text())["optim"]["lr"] == lr, output[-4000:]
+        assert json.loads((run_dir / SUMMARY).read_text())["epochs_run"] == 1
+    assert sorted(p.name.rsplit("-", 1)[-1] for p in (tmp_path / "wandb").glob("offline-run-*")) == ["task0", "task1"]

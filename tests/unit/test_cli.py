@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+import subprocess
+import sys
 
 import pytest
-from helpers import TINY, make_manifest, write_csv
+from helpers import ROOT, TINY, make_manifest, write_csv
 
 from anemia_dist.cli import main
 from anemia_dist.config import EvalConfig
@@ -49,3 +51,18 @@ def test_both_classes_are_needed_only_by_a_rule_fitted_on_validation():
         require_both_classes(one_class, EvalConfig(threshold_rule="sensitivity"))
     require_both_classes(one_class, EvalConfig(threshold_rule="fixed"))  # nothing to fit: no error
     require_both_classes([True, False], EvalConfig())
+
+
+def test_the_command_line_starts_without_importing_torch():
+    """``anemia-dist --help``, ``sweep`` and the parent of every launch start in a fraction of a
+    second: the parser and the sweep module import no torch (a sub-command's module loads when it
+    runs). Torch is blocked in the probe, so importing it anywhere fails there at once."""
+    probe = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from anemia_dist.cli import build_parser\nimport anemia_dist.sweep\n"
+        "print(build_parser().parse_args(['sweep', 'run', 'sweep.yaml']).command)\n"
+        "try:\n    import anemia_dist.preemption\nexcept ImportError:\n    print('blocked')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["sweep", "blocked"]  # a module that imports torch fails in the probe
