@@ -287,10 +287,18 @@ class TrainConfig:
     compile: bool = False
     """``torch.compile`` the model (in place: same state-dict keys; recompiles once after the
     unfreeze). Pays on long GPU runs; the first steps wait for compilation."""
+    collective_timeout_minutes: float = 60.0
+    """How long a rank waits in a collective (NCCL's default is 10 minutes) while the main process
+    works alone: the audit, the cache decode, the end-of-run report. Raise it for large datasets."""
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
         _check(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(
+            self.collective_timeout_minutes > 0,
+            "train.collective_timeout_minutes",
+            f"must be > 0, got {self.collective_timeout_minutes}",
+        )
 
 
 @dataclass

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list
 from torch.nn.parallel import DistributedDataParallel
+
+
+def collective_timeout(minutes: float) -> InitProcessGroupKwargs:
+    """The process-group timeout (``train.collective_timeout_minutes``) for ``Accelerator(kwargs_handlers=...)``.
+
+    NCCL gives up on a collective after 10 minutes by default; the other ranks wait in one while
+    the main process audits the data, decodes the cache or writes the end-of-run report alone.
+    """
+    return InitProcessGroupKwargs(timeout=timedelta(minutes=minutes))
 
 
 def broadcast_from_main(value: Any) -> Any:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -27,6 +28,7 @@ from tqdm.auto import tqdm
 from .batch_augment import EvalResize
 from .config import Config, ModelConfig, load_config, parse_override
 from .datasets import CachedImages, DecodedOnAccess
+from .distributed import collective_timeout
 from .errors import ConfigError, DataError
 from .images import IMAGE_EXTENSIONS
 from .metrics import OperatingPoint, apply_temperature, negative_name, summarize
@@ -40,6 +42,8 @@ logger = get_logger(__name__)
 
 # Settings that belong to the model: evaluating with other values would not test the saved model.
 FROM_CHECKPOINT = {"data.image_size", "data.alpha_background", "data.classes", "data.root", "data.manifest"}
+# Besides data.*: the keys evaluate takes.
+EVALUATE_KEYS = ("eval.bootstrap", "train.collective_timeout_minutes")
 
 
 def read_meta(directory: str | Path) -> dict[str, Any]:
@@ -79,12 +83,13 @@ def model_inputs(samples: Sequence[Sample], meta: dict[str, Any], cache_dir: str
 
 def evaluation_config(data: str | Path, overrides: Sequence[str]) -> Config:
     """``data.*`` overrides say how to read ``data`` (manifest columns, label rule, workers);
-    ``eval.bootstrap`` sets the resamples. Everything else comes from the checkpoint."""
+    ``eval.bootstrap`` sets the resamples, ``train.collective_timeout_minutes`` how long the other
+    ranks wait for the main process's report. Everything else comes from the checkpoint."""
     for override in overrides:
         key, _ = parse_override(override)
-        if key in FROM_CHECKPOINT or not (key.startswith("data.") or key == "eval.bootstrap"):
+        if key in FROM_CHECKPOINT or not (key.startswith("data.") or key in EVALUATE_KEYS):
             raise ConfigError(
-                f"{key}: evaluate takes only data.* keys saying how to read --data, and eval.bootstrap; the "
+                f"{key}: evaluate takes only data.* keys saying how to read --data, {', '.join(EVALUATE_KEYS)}; the "
                 f"images come from --data, and the preprocessing, classes, positive class, threshold and "
                 f"temperature from the checkpoint's meta.json"
             )
@@ -115,7 +120,10 @@ def evaluate(
     whose split column holds it (e.g. ``val`` of a run's splits.csv).
     """
     cfg = evaluation_config(data, overrides)
-    accelerator = Accelerator()
+    accelerator = Accelerator(
+        dataloader_config=DataLoaderConfiguration(non_blocking=True),  # from pinned memory, overlapping compute
+        kwargs_handlers=[collective_timeout(cfg.train.collective_timeout_minutes)],
+    )
     model, meta, point = load_model(checkpoint_dir)
     samples, classes = load_source(cfg.data.root, cfg.data.manifest, meta["classes"], cfg.data.group_column, cfg.data)
     if split is not None:

@@ -30,7 +30,7 @@ from .checkpointing import Checkpointer
 from .config import Config, TrainConfig, UnfreezeConfig
 from .console import progress_bar
 from .datasets import device_transform, make_loaders
-from .distributed import broadcast_from_main, rewrap_after_unfreeze
+from .distributed import broadcast_from_main, collective_timeout, rewrap_after_unfreeze
 from .early_stopping import EarlyStopping
 from .errors import ConfigError
 from .figures import plot_curves
@@ -167,6 +167,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
         dataloader_config=DataLoaderConfiguration(
             use_seedable_sampler=True, data_seed=cfg.train.seed, non_blocking=True
         ),
+        kwargs_handlers=[collective_timeout(cfg.train.collective_timeout_minutes)],
     )
 
 
