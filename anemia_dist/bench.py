@@ -204,7 +204,9 @@ class Trainer:
         model = build_model(cfg.model, num_classes=len(class_weights))
         freeze_backbone(model)
         apply_speed_settings(model, cfg.train)
-        self.model, self.optimizer = self.accelerator.prepare(model, build_optimizer(model, cfg))
+        self.model, self.optimizer = self.accelerator.prepare(
+            model, build_optimizer(model, cfg, fused=self.accelerator.device.type == "cuda")
+        )
         self.class_weights = class_weights.to(self.accelerator.device)
 
     def forward_only(self, images: torch.Tensor) -> None:

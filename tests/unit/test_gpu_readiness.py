@@ -6,11 +6,17 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
+import torch
+import torch.nn.functional as F
+from helpers import TINY
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from anemia_dist.config import load_config
 from anemia_dist.distributed import collective_timeout
 from anemia_dist.errors import ConfigError
-from anemia_dist.trainer import make_accelerator
+from anemia_dist.model import build_model, freeze_backbone, set_train_mode, unfreeze
+from anemia_dist.trainer import build_optimizer, make_accelerator
 
 
 def test_the_accelerator_is_built_with_the_configured_collective_timeout():
@@ -28,3 +34,81 @@ def test_the_default_collective_timeout_is_longer_than_nccls_ten_minutes():
 def test_a_non_positive_collective_timeout_is_refused_naming_the_key():
     with pytest.raises(ConfigError, match="train.collective_timeout_minutes"):
         load_config("demo", ["train.collective_timeout_minutes=0"])
+
+
+class ReadBacks(TorchDispatchMode):
+    """Counts every aten op that copies a device value to the host (``.item()``, ``bool(t)``, ...)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def train_steps(fused: bool, scaler: torch.amp.GradScaler | None = None, steps: int = 3) -> tuple[nn.Module, list[int]]:
+    """A tiny ResNet through the package's optimiser: head-only steps, then layer4 unfrozen; the
+    read-backs of each optimiser step (with ``scaler``, under CPU bf16 autocast)."""
+    torch.manual_seed(0)
+    cfg = load_config(None, TINY)
+    model = build_model(cfg.model, 2)
+    freeze_backbone(model)
+    optimizer = build_optimizer(model, cfg, fused=fused)
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 0, 1])
+    counts = []
+    for step in range(2 * steps):
+        if step == steps:
+            unfreeze(model, cfg.unfreeze.layers)
+        set_train_mode(model)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=scaler is not None):
+            loss = F.cross_entropy(model(images).float(), labels)
+        with ReadBacks() as reads:
+            if scaler is None:
+                loss.backward()
+                optimizer.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        counts.append(reads.count)
+    return model, counts
+
+
+def adam_after_given_gradients(fused: bool) -> nn.Module:
+    """The package's optimiser fed the same gradients (head only, then layer4 too): no feedback
+    through the forward pass, so any difference is the update's own."""
+    torch.manual_seed(0)
+    cfg = load_config(None, TINY)
+    model = build_model(cfg.model, 2)
+    freeze_backbone(model)
+    optimizer = build_optimizer(model, cfg, fused=fused)
+    generator = torch.Generator().manual_seed(1)
+    for step in range(6):
+        if step == 3:
+            unfreeze(model, cfg.unfreeze.layers)
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.grad = torch.randn(parameter.shape, generator=generator)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return model
+
+
+def test_fused_adam_takes_the_same_steps_as_the_unfused_one():
+    fused, unfused = adam_after_given_gradients(True), adam_after_given_gradients(False)
+    for (name, a), (_, b) in zip(fused.named_parameters(), unfused.named_parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+    torch.manual_seed(0)
+    start = build_model(load_config(None, TINY).model, 2)
+    assert not torch.equal(fused.layer4[0].conv1.weight, start.layer4[0].conv1.weight)  # both really trained
+
+
+def test_a_scaled_step_of_the_fused_adam_never_reads_back_from_the_device():
+    _, fused = train_steps(fused=True, scaler=torch.amp.GradScaler("cpu"))
+    _, unfused = train_steps(fused=False, scaler=torch.amp.GradScaler("cpu"))
+    assert fused == [0] * 6
+    assert all(count > 0 for count in unfused)  # the control: the counter sees GradScaler's .item()
