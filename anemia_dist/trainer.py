@@ -294,7 +294,7 @@ def train_one_epoch(
         totals += progress.partial.to_tensor(totals.device)
     loader = training.train_loader
     loader.set_epoch(epoch)  # the shuffle order depends on the epoch only, also after a resume
-    batches = accelerator.skip_first_batches(loader, progress.step) if progress.step else loader
+    batches = rest_of_epoch(accelerator, loader, progress.step)
     bar = progress_bar(accelerator, batches, f"epoch {epoch} train", initial=progress.step, total=len(loader))
     transform = device_transform(loader)
     steps, preempted = progress.step, False
@@ -312,6 +312,19 @@ def train_one_epoch(
     global_totals = Totals.from_tensor(accelerator.reduce(totals, reduction="sum"))
     seconds = time.perf_counter() - started + progress.partial_seconds
     return EpochResult(global_totals, steps, started, seconds, preempted)
+
+
+def rest_of_epoch(accelerator: Accelerator, loader: DataLoader, done: int) -> DataLoader:
+    """The loader after its first ``done`` batches (a resumed epoch), copying as the prepared loader does.
+
+    Accelerate up to 1.15 built the skipping loader without the prepared loader's ``non_blocking``
+    (and ``drop_last``) flags (huggingface/accelerate#4295): every resumed batch a blocking copy.
+    """
+    if not done:
+        return loader
+    batches = accelerator.skip_first_batches(loader, done)
+    batches._non_blocking, batches._drop_last = loader._non_blocking, loader._drop_last
+    return batches
 
 
 def metrics_row(

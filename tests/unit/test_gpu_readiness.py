@@ -5,18 +5,21 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import accelerate.accelerator
+import accelerate.data_loader
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers import TINY
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.data import DataLoader, TensorDataset
 
 from anemia_dist.config import load_config
 from anemia_dist.distributed import collective_timeout
 from anemia_dist.errors import ConfigError
 from anemia_dist.model import build_model, freeze_backbone, set_train_mode, unfreeze
-from anemia_dist.trainer import build_optimizer, make_accelerator
+from anemia_dist.trainer import build_optimizer, make_accelerator, rest_of_epoch
 
 
 def test_the_accelerator_is_built_with_the_configured_collective_timeout():
@@ -112,3 +115,23 @@ def test_a_scaled_step_of_the_fused_adam_never_reads_back_from_the_device():
     _, unfused = train_steps(fused=False, scaler=torch.amp.GradScaler("cpu"))
     assert fused == [0] * 6
     assert all(count > 0 for count in unfused)  # the control: the counter sees GradScaler's .item()
+
+
+def test_the_rest_of_a_resumed_epoch_is_copied_without_blocking_like_the_prepared_loader(monkeypatch):
+    accelerator = make_accelerator(load_config("demo", []))
+    loader = accelerator.prepare_data_loader(DataLoader(TensorDataset(torch.arange(12)), batch_size=2))
+    assert loader._non_blocking
+    # Accelerate <= 1.15 dropped the flag; emulate it, so the test pins the package's own carry-over.
+    skip = accelerate.data_loader.skip_first_batches
+
+    def dropping(dataloader, num_batches=0):
+        skipped = skip(dataloader, num_batches)
+        skipped._non_blocking = False
+        return skipped
+
+    monkeypatch.setattr(accelerate.accelerator, "skip_first_batches", dropping)
+    assert not accelerator.skip_first_batches(loader, 2)._non_blocking  # the control: the old behaviour
+    rest = rest_of_epoch(accelerator, loader, 2)
+    assert rest._non_blocking
+    assert [batch[0].tolist() for batch in rest] == [[4, 5], [6, 7], [8, 9], [10, 11]]
+    assert rest_of_epoch(accelerator, loader, 0) is loader
