@@ -249,14 +249,15 @@ def predict(
     )
     positive = meta["classes"].index(point.positive_class)
     negative = negative_name(meta["classes"], point.positive_class)
-    scores, errors = [], []
+    probs, errors = [], []
     for batch, batch_errors in tqdm(loader, desc="predict", file=sys.stderr):
-        inputs = images.batch_transform(batch.to(device, non_blocking=True))
-        probs = model(inputs).float().softmax(dim=1).double().cpu().numpy()
-        scores.append(apply_temperature(probs, point.temperature)[:, positive])
+        inputs = images.batch_transform(batch.to(device, non_blocking=True))  # from pinned memory
+        probs.append(model(inputs).float().softmax(dim=1))
         errors += batch_errors
+    # One copy to the host for the whole pass, not a wait for the device per batch.
+    scores = apply_temperature(torch.cat(probs).double().cpu().numpy(), point.temperature)[:, positive]
     rows = []
-    for path, score, error in zip(paths, np.concatenate(scores), errors, strict=True):
+    for path, score, error in zip(paths, scores, errors, strict=True):
         if error:
             rows.append({"path": str(path), "probability": "", "prediction": "", "error": error})
         else:

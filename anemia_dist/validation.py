@@ -38,18 +38,17 @@ def validate(
     same tensors, so the result equals the one-process value and is identical on all ranks.
     """
     model.eval()
-    losses, labels, probs = [], [], []
+    rows = []  # per batch, one row per sample: loss, label, probabilities (labels are exact in float64)
     bar = progress_bar(accelerator, loader, "validate")
     transform = device_transform(loader)
     for images, targets in bar:
         logits = model(transform(images)).float()
         loss = F.cross_entropy(logits, targets, reduction="none")
         loss, targets, prob = accelerator.gather_for_metrics((loss, targets, logits.softmax(dim=1)))
-        losses.append(loss.double())
-        labels.append(targets)
-        probs.append(prob.double())
+        rows.append(torch.cat([loss.double()[:, None], targets.double()[:, None], prob.double()], dim=1))
     # One copy to the host for the whole set, not a wait for the device per batch.
-    loss, labels_all, probs_all = (torch.cat(parts).cpu() for parts in (losses, labels, probs))
+    table = torch.cat(rows).cpu()
+    loss, labels_all, probs_all = table[:, 0], table[:, 1].long(), table[:, 2:]
     weights = class_weights.double().cpu()[labels_all]
     weighted = float((weights * loss).sum() / weights.sum())
     accuracy = float((probs_all.argmax(1) == labels_all).double().mean())

@@ -10,16 +10,22 @@ import accelerate.data_loader
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TINY
+from accelerate import Accelerator
+from helpers import TINY, make_best, make_image_folder
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
 from anemia_dist.config import load_config
 from anemia_dist.distributed import collective_timeout
 from anemia_dist.errors import ConfigError
+from anemia_dist.inference import evaluate, load_model, model_inputs, predict
 from anemia_dist.model import build_model, freeze_backbone, set_train_mode, unfreeze
+from anemia_dist.run_dir import BEST
+from anemia_dist.sources import Sample
 from anemia_dist.trainer import build_optimizer, make_accelerator, rest_of_epoch
+from anemia_dist.validation import validate
 
 
 def test_the_accelerator_is_built_with_the_configured_collective_timeout():
@@ -135,3 +141,63 @@ def test_the_rest_of_a_resumed_epoch_is_copied_without_blocking_like_the_prepare
     assert rest._non_blocking
     assert [batch[0].tolist() for batch in rest] == [[4, 5], [6, 7], [8, 9], [10, 11]]
     assert rest_of_epoch(accelerator, loader, 0) is loader
+
+
+READ_BACKS = {
+    torch.Tensor.cpu,
+    torch.Tensor.item,
+    torch.Tensor.tolist,
+    torch.Tensor.numpy,
+    torch.Tensor.__bool__,
+    torch.Tensor.__float__,
+    torch.Tensor.__int__,
+}
+
+
+class HostCopies(TorchFunctionMode):
+    """Counts the tensor methods that copy to the host (on a GPU: a wait for the device)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += func in READ_BACKS
+        return func(*args, **(kwargs or {}))
+
+
+def host_copies_per_pass(tmp_path, images: int) -> tuple[int, int]:
+    """(validate, predict) host copies for one pass over ``images`` images in batches of 2."""
+    best = make_best(tmp_path / f"{images}" / BEST, ["anemic", "non-anemic"])
+    folder = make_image_folder(tmp_path / f"data{images}", {"anemic": images // 2, "non-anemic": images // 2})
+    files = sorted(folder.rglob("*.png"))
+    model, meta, _ = load_model(best)
+    samples = [Sample(str(path), int(path.parent.name == "non-anemic"), str(path)) for path in files]
+    accelerator = Accelerator(cpu=True)
+    loader = accelerator.prepare_data_loader(DataLoader(model_inputs(samples, meta), batch_size=2))
+    with HostCopies() as during_validation:
+        validate(accelerator, model, loader, torch.ones(2))
+    with HostCopies() as during_predict:
+        predict(best, files, batch_size=2, num_workers=0)
+    return during_validation.count, during_predict.count
+
+
+def test_validate_and_predict_read_back_once_per_pass_not_per_batch(tmp_path):
+    few, many = host_copies_per_pass(tmp_path, 4), host_copies_per_pass(tmp_path, 12)
+    assert few == many  # 2 batches or 6: the same copies, so none inside the loop
+    assert all(count >= 1 for count in few)  # the control: the counter sees the final copy
+
+
+def test_evaluate_copies_batches_without_blocking(monkeypatch, tmp_path):
+    seen = []
+    real = accelerate.data_loader.DataLoaderShard.__init__
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("_non_blocking"))
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(accelerate.data_loader.DataLoaderShard, "__init__", spy)
+    best = make_best(tmp_path / BEST, ["anemic", "non-anemic"])
+    folder = make_image_folder(tmp_path / "data", {"anemic": 2, "non-anemic": 2})
+    evaluate(best, folder, ["data.num_workers=0", "eval.bootstrap=100"], batch_size=2, report_dir=tmp_path / "r")
+    assert seen == [True]
