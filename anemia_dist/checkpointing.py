@@ -179,6 +179,9 @@ class Checkpointer:
             "epoch": epoch,
             "val_loss": val_loss,
             "val_acc": val_acc,
+            # The autocast the validation scores (threshold, temperature) came from: evaluate and
+            # predict score under the same one, so an image near the threshold gets the same decision.
+            "mixed_precision": self.accelerator.mixed_precision,
             **point.to_meta(),
         }
         with _atomic_directory(self.best_directory) as tmp:

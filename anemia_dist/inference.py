@@ -69,6 +69,21 @@ def load_model(directory: str | Path) -> tuple[torch.nn.Module, dict[str, Any], 
     return model, meta, OperatingPoint.from_meta(meta, str(Path(directory) / META))
 
 
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def in_training_precision(model: torch.nn.Module, meta: dict[str, Any], device: torch.device) -> torch.nn.Module:
+    """The forward under the autocast training validated in (``meta.json``'s ``mixed_precision``).
+
+    The threshold and temperature were fitted on those scores; fp32 scores of the same image can
+    fall on the other side of the threshold. Checkpoints from before the key was saved score in fp32.
+    """
+    dtype = AUTOCAST_DTYPES.get(meta.get("mixed_precision", "no"))
+    if dtype is not None:
+        model.forward = torch.autocast(device.type, dtype=dtype)(model.forward)
+    return model
+
+
 def model_inputs(samples: Sequence[Sample], meta: dict[str, Any], cache_dir: str | None = None) -> CachedImages:
     """The images decoded as training decoded its validation images (uint8 at the saved size;
     ``batch_transform`` normalises a batch on the device), so the saved threshold meets the
@@ -121,10 +136,12 @@ def evaluate(
     """
     cfg = evaluation_config(data, overrides)
     accelerator = Accelerator(
+        mixed_precision="no",  # the checkpoint's own precision instead: in_training_precision
         dataloader_config=DataLoaderConfiguration(non_blocking=True),  # from pinned memory, overlapping compute
         kwargs_handlers=[collective_timeout(cfg.train.collective_timeout_minutes)],
     )
     model, meta, point = load_model(checkpoint_dir)
+    model = in_training_precision(model, meta, accelerator.device)
     samples, classes = load_source(cfg.data.root, cfg.data.manifest, meta["classes"], cfg.data.group_column, cfg.data)
     if split is not None:
         samples = [s for s in samples if s.split == split]
@@ -239,7 +256,7 @@ def predict(
     model, meta, point = load_model(checkpoint_dir)
     paths = find_images(inputs)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
+    model = in_training_precision(model.to(device), meta, device)
     images = model_inputs([Sample(str(p), 0, str(p)) for p in paths], meta)
     loader = DataLoader(
         ReadOrReport(images, meta["image_size"]),

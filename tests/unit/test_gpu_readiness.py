@@ -3,26 +3,31 @@ that stall the device, blocking copies, precision disagreements, determinism and
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 
 import accelerate.accelerator
 import accelerate.data_loader
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from helpers import TINY, make_best, make_image_folder
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
+from anemia_dist.checkpointing import Checkpointer
 from anemia_dist.config import load_config
 from anemia_dist.distributed import collective_timeout
 from anemia_dist.errors import ConfigError
 from anemia_dist.inference import evaluate, load_model, model_inputs, predict
+from anemia_dist.metrics import OperatingPoint
 from anemia_dist.model import build_model, freeze_backbone, set_train_mode, unfreeze
-from anemia_dist.run_dir import BEST
+from anemia_dist.run_dir import BEST, META
 from anemia_dist.sources import Sample
 from anemia_dist.trainer import build_optimizer, make_accelerator, rest_of_epoch
 from anemia_dist.validation import validate
@@ -201,3 +206,45 @@ def test_evaluate_copies_batches_without_blocking(monkeypatch, tmp_path):
     folder = make_image_folder(tmp_path / "data", {"anemic": 2, "non-anemic": 2})
     evaluate(best, folder, ["data.num_workers=0", "eval.bootstrap=100"], batch_size=2, report_dir=tmp_path / "r")
     assert seen == [True]
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """Accelerate's state is a process-wide singleton: a test that needs another precision resets it."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def validation_and_predict_scores(tmp_path, recorded: bool) -> tuple[np.ndarray, np.ndarray]:
+    """P(anemic) of the same images from training's bf16 validation and from ``predict``."""
+    classes = ["anemic", "non-anemic"]
+    folder = make_image_folder(tmp_path / "data", {"anemic": 6, "non-anemic": 6}, size=40)
+    files = sorted(folder.rglob("*.png"))
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+    cfg = load_config(None, TINY)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 2).to(memory_format=torch.channels_last)
+    Checkpointer(accelerator, tmp_path, cfg, classes).save_best(
+        model, 1, 0.7, 0.5, OperatingPoint("anemic", 0.5, "fixed")
+    )
+    if not recorded:  # a checkpoint as saved before the precision was recorded
+        meta = json.loads((tmp_path / BEST / META).read_text())
+        del meta["mixed_precision"]
+        (tmp_path / BEST / META).write_text(json.dumps(meta))
+    samples = [Sample(str(path), classes.index(path.parent.name), str(path)) for path in files]
+    loader = DataLoader(model_inputs(samples, load_model(tmp_path / BEST)[1]), batch_size=4)
+    prepared, loader = accelerator.prepare_model(model.eval(), evaluation_mode=True), accelerator.prepare(loader)
+    val = validate(accelerator, prepared, loader, torch.ones(2))
+    rows = predict(tmp_path / BEST, files, batch_size=4, num_workers=0)
+    return val.probs[:, 0].numpy(), np.array([float(row["probability"]) for row in rows])
+
+
+def test_predict_scores_an_image_as_bf16_validation_scored_it(tmp_path, fresh_accelerator_state):
+    validation, predicted = validation_and_predict_scores(tmp_path, recorded=True)
+    np.testing.assert_allclose(predicted, validation, rtol=0, atol=5e-7)  # predict writes 6 decimals
+
+
+def test_without_the_recorded_precision_predict_scores_differ_from_bf16_validation(tmp_path, fresh_accelerator_state):
+    validation, predicted = validation_and_predict_scores(tmp_path, recorded=False)
+    assert np.abs(predicted - validation).max() > 1e-4  # the control: fp32 against bf16 scores
