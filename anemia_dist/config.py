@@ -287,6 +287,10 @@ class TrainConfig:
     compile: bool = False
     """``torch.compile`` the model (in place: same state-dict keys; recompiles once after the
     unfreeze). Pays on long GPU runs; the first steps wait for compilation."""
+    deterministic: bool = False
+    """Deterministic GPU kernels: cuDNN deterministic without autotuning, TF32 off, torch's
+    deterministic algorithms where they exist (a warning names each that has none). Slower; on
+    the CPU runs are reproducible without it."""
     collective_timeout_minutes: float = 60.0
     """How long a rank waits in a collective (NCCL's default is 10 minutes) while the main process
     works alone: the audit, the cache decode, the end-of-run report. Raise it for large datasets."""

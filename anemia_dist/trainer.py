@@ -53,6 +53,7 @@ from .run_dir import (
     RunDirectory,
 )
 from .splits import SplitData, balanced_class_weights, build_split_on_main, describe_split, excluded_rows, split_rows
+from .torch_settings import make_deterministic
 from .validation import ValidationResult, validate
 
 logger = get_logger(__name__)
@@ -95,6 +96,8 @@ class BestEpoch:
 def train(cfg: Config) -> dict[str, Any]:
     """Run the methodology; returns the summary (on every rank)."""
     accelerator = make_accelerator(cfg)
+    if cfg.train.deterministic:
+        make_deterministic()
     set_seed(cfg.train.seed)
     split = audited_split(cfg, accelerator)
     run = RunDirectory(resolve_run_dir(cfg), writes=accelerator.is_main_process)

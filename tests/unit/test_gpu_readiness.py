@@ -4,6 +4,7 @@ that stall the device, blocking copies, precision disagreements, determinism and
 from __future__ import annotations
 
 import json
+import os
 from datetime import timedelta
 
 import accelerate.accelerator
@@ -29,6 +30,7 @@ from anemia_dist.metrics import OperatingPoint
 from anemia_dist.model import build_model, freeze_backbone, set_train_mode, unfreeze
 from anemia_dist.run_dir import BEST, META
 from anemia_dist.sources import Sample
+from anemia_dist.torch_settings import CUBLAS_WORKSPACE, make_deterministic
 from anemia_dist.trainer import build_optimizer, make_accelerator, rest_of_epoch
 from anemia_dist.validation import validate
 
@@ -248,3 +250,36 @@ def test_predict_scores_an_image_as_bf16_validation_scored_it(tmp_path, fresh_ac
 def test_without_the_recorded_precision_predict_scores_differ_from_bf16_validation(tmp_path, fresh_accelerator_state):
     validation, predicted = validation_and_predict_scores(tmp_path, recorded=False)
     assert np.abs(predicted - validation).max() > 1e-4  # the control: fp32 against bf16 scores
+
+
+@pytest.fixture
+def restored_torch_flags(monkeypatch):
+    """make_deterministic changes process-wide flags: put them back for the other tests."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    cudnn = torch.backends.cudnn
+    saved = (
+        cudnn.benchmark,
+        cudnn.deterministic,
+        torch.backends.cuda.matmul.fp32_precision,
+        cudnn.conv.fp32_precision,
+        cudnn.rnn.fp32_precision,
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    yield
+    cudnn.benchmark, cudnn.deterministic = saved[:2]
+    torch.backends.cuda.matmul.fp32_precision, cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision = saved[2:5]
+    torch.use_deterministic_algorithms(saved[5], warn_only=saved[6])
+
+
+def test_train_deterministic_turns_off_autotuning_and_tf32_and_warns_where_no_deterministic_kernel_exists(
+    restored_torch_flags,
+):
+    assert load_config("demo", ["train.deterministic=true"]).train.deterministic
+    assert not load_config("demo", []).train.deterministic  # the default leaves the speed settings alone
+    make_deterministic()
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    precisions = [torch.backends.cuda.matmul, torch.backends.cudnn.conv, torch.backends.cudnn.rnn]
+    assert [backend.fp32_precision for backend in precisions] == ["ieee"] * 3  # TF32 off
+    assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == CUBLAS_WORKSPACE
