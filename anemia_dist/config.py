@@ -285,8 +285,9 @@ class TrainConfig:
     """Channels-last (NHWC) convolution weights, and (data.pipeline=gpu) batches: the layout
     cuDNN's tensor cores and oneDNN run fastest. Checkpoints are saved contiguous either way."""
     compile: bool = False
-    """``torch.compile`` the model (in place: same state-dict keys; recompiles once after the
-    unfreeze). Pays on long GPU runs; the first steps wait for compilation."""
+    """``torch.compile`` the model (in place: same state-dict keys; one training and one validation
+    variant, compiled afresh once at the unfreeze). Pays on long GPU runs; the first steps wait
+    for compilation."""
     deterministic: bool = False
     """Deterministic GPU kernels: cuDNN deterministic without autotuning, TF32 off, torch's
     deterministic algorithms where they exist (a warning names each that has none). Slower; on

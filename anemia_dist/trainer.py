@@ -53,7 +53,7 @@ from .run_dir import (
     RunDirectory,
 )
 from .splits import SplitData, balanced_class_weights, build_split_on_main, describe_split, excluded_rows, split_rows
-from .torch_settings import make_deterministic
+from .torch_settings import any_batch_size, make_deterministic, recompile_after_unfreeze
 from .validation import ValidationResult, validate
 
 logger = get_logger(__name__)
@@ -209,7 +209,8 @@ def write_run_start(cfg: Config, run: RunDirectory, split: SplitData) -> None:
 
 def apply_speed_settings(model: torch.nn.Module, cfg: TrainConfig) -> None:
     """``train.channels_last``: weights in the batches' layout, no conversion inside every convolution;
-    ``train.compile``: compiled in place (state-dict keys, unwrap_model and the DDP re-wrap unchanged)."""
+    ``train.compile``: compiled in place (state-dict keys, unwrap_model and the DDP re-wrap unchanged),
+    two compiled variants per phase (:mod:`anemia_dist.torch_settings`)."""
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     if cfg.compile:
@@ -266,6 +267,8 @@ def should_unfreeze(cfg: UnfreezeConfig, epoch: int, stopper: EarlyStopping, unf
 def unfreeze_stages(accelerator: Accelerator, model: torch.nn.Module, cfg: Config) -> torch.nn.Module:
     """``unfreeze.layers`` train from now on, and DDP is rebuilt so their gradients are all-reduced."""
     unfreeze(accelerator.unwrap_model(model), cfg.unfreeze.layers)
+    if cfg.train.compile:
+        recompile_after_unfreeze()
     return rewrap_after_unfreeze(accelerator, model)
 
 
@@ -303,7 +306,12 @@ def train_one_epoch(
     steps, preempted = progress.step, False
     for step, (images, labels) in enumerate(bar):
         logits, loss = training_step(
-            training.model, training.optimizer, transform(images), labels, training.class_weights, accelerator.backward
+            training.model,
+            training.optimizer,
+            any_batch_size(transform(images)),
+            labels,
+            training.class_weights,
+            accelerator.backward,
         )
         totals += batch_totals(logits, labels, training.class_weights)
         if step % 20 == 0:  # .item() waits for the device; every step would stall the pipeline

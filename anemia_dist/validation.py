@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from .console import progress_bar
 from .datasets import device_transform
+from .torch_settings import any_batch_size
 
 
 @dataclass
@@ -42,7 +43,7 @@ def validate(
     bar = progress_bar(accelerator, loader, "validate")
     transform = device_transform(loader)
     for images, targets in bar:
-        logits = model(transform(images)).float()
+        logits = model(any_batch_size(transform(images))).float()
         loss = F.cross_entropy(logits, targets, reduction="none")
         loss, targets, prob = accelerator.gather_for_metrics((loss, targets, logits.softmax(dim=1)))
         rows.append(torch.cat([loss.double()[:, None], targets.double()[:, None], prob.double()], dim=1))

@@ -17,10 +17,13 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from helpers import TINY, make_best, make_image_folder
 from torch import nn
+from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+from torch._dynamo.testing import CompileCounterWithBackend
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
+from anemia_dist import trainer, validation
 from anemia_dist.checkpointing import Checkpointer
 from anemia_dist.config import load_config
 from anemia_dist.distributed import collective_timeout
@@ -28,10 +31,19 @@ from anemia_dist.errors import ConfigError
 from anemia_dist.inference import evaluate, load_model, model_inputs, predict
 from anemia_dist.metrics import OperatingPoint
 from anemia_dist.model import build_model, freeze_backbone, set_train_mode, unfreeze
+from anemia_dist.preemption import PreemptionWatcher
+from anemia_dist.progress import TrainingProgress
 from anemia_dist.run_dir import BEST, META
 from anemia_dist.sources import Sample
 from anemia_dist.torch_settings import CUBLAS_WORKSPACE, make_deterministic
-from anemia_dist.trainer import build_optimizer, make_accelerator, rest_of_epoch
+from anemia_dist.trainer import (
+    Training,
+    build_optimizer,
+    make_accelerator,
+    rest_of_epoch,
+    train_one_epoch,
+    unfreeze_stages,
+)
 from anemia_dist.validation import validate
 
 
@@ -283,3 +295,66 @@ def test_train_deterministic_turns_off_autotuning_and_tf32_and_warns_where_no_de
     assert [backend.fp32_precision for backend in precisions] == ["ieee"] * 3  # TF32 off
     assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == CUBLAS_WORKSPACE
+
+
+class ToyResNet(nn.Module):
+    """The ResNet's stage names and head, a few channels each: compiles in seconds."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        for stage in ("layer1", "layer2", "layer3", "layer4"):
+            setattr(self, stage, nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()))
+        self.fc = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Dropout(0.5), nn.Linear(4, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+def compiles_per_epoch(epochs: int) -> tuple[list[int], int]:
+    """Training's epochs (11 training images in batches of 4, 6 validation images), unfrozen at
+    epoch 3, compiled with aot_eager: the compiles so far after each epoch, and the variants cached at the end."""
+    cfg = load_config("demo", ["train.compile=true"])
+    accelerator = make_accelerator(cfg)
+    torch.manual_seed(0)
+    model = ToyResNet()
+    freeze_backbone(model)
+    counter = CompileCounterWithBackend("aot_eager")
+    model.compile(backend=counter)
+
+    def loader(n: int, **kwargs) -> DataLoader:
+        return DataLoader(TensorDataset(torch.randn(n, 3, 12, 12), torch.randint(0, 2, (n,))), batch_size=4, **kwargs)
+
+    prepared = accelerator.prepare(model, build_optimizer(model, cfg), loader(11, shuffle=True), loader(6))
+    training = Training(*prepared[:2], None, *prepared[2:], torch.ones(2))
+    watcher, progress, counts = PreemptionWatcher(accelerator), TrainingProgress(), []
+    torch.compiler.reset()
+    try:
+        for epoch in range(1, epochs + 1):
+            if epoch == 3:
+                training.model = unfreeze_stages(accelerator, training.model, cfg)
+            train_one_epoch(accelerator, training, epoch, watcher, progress)
+            validate(accelerator, training.model, training.val_loader, torch.ones(2))
+            counts.append(counter.frame_count)
+    finally:
+        watcher.restore()
+    cached = len(_debug_get_cache_entry_list(ToyResNet.forward.__code__))
+    torch.compiler.reset()
+    return counts, cached
+
+
+@pytest.mark.multiprocess
+def test_a_compiled_model_has_one_training_and_one_validation_variant_per_phase():
+    counts, cached = compiles_per_epoch(4)
+    assert counts == [2, 2, 4, 4]  # the last, smaller batch and the second epoch add none; the unfreeze two
+    assert cached == 2  # the frozen phase's variants were dropped: far from dynamo's limit of 8
+
+
+@pytest.mark.multiprocess
+def test_without_a_symbolic_batch_dimension_the_last_batch_compiles_its_own_variant(monkeypatch):
+    monkeypatch.setattr(trainer, "any_batch_size", lambda images: images)
+    monkeypatch.setattr(validation, "any_batch_size", lambda images: images)
+    counts, _ = compiles_per_epoch(1)
+    assert counts == [3]  # the control: the counter sees the extra variant
