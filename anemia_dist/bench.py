@@ -34,6 +34,7 @@ from .images import IMAGE_EXTENSIONS, working_size
 from .model import build_model, freeze_backbone, set_train_mode
 from .sources import Sample, find_image_files
 from .splits import balanced_class_weights
+from .torch_settings import any_batch_size
 from .trainer import apply_speed_settings, build_optimizer, training_step, unfreeze_stages
 from .transforms import train_transform
 
@@ -198,7 +199,7 @@ class Trainer:
     backbone frozen (phase 1) until :meth:`unfreeze` makes ``unfreeze.layers`` trainable (phase 2)."""
 
     def __init__(self, cfg: Config, args: argparse.Namespace, device: torch.device, class_weights: torch.Tensor):
-        mixed_precision = "bf16" if args.precision == "bf16" else "no"
+        mixed_precision = "no" if args.precision == "fp32" else args.precision
         self.accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=mixed_precision)
         self.cfg = cfg
         model = build_model(cfg.model, num_classes=len(class_weights))
@@ -212,10 +213,11 @@ class Trainer:
     def forward_only(self, images: torch.Tensor) -> None:
         self.model.eval()
         with torch.no_grad():
-            self.model(images)
+            self.model(any_batch_size(images))
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         set_train_mode(self.accelerator.unwrap_model(self.model))
+        images = any_batch_size(images)  # as training: one compiled variant for every batch size
         training_step(self.model, self.optimizer, images, labels, self.class_weights, self.accelerator.backward)
 
     def unfreeze(self) -> None:
@@ -245,6 +247,13 @@ def model_rates(trainer: Trainer, args: argparse.Namespace, device: torch.device
     return ModelResult(forward_rate, phase1, phase2, phase1 / forward_rate, phase2 / phase1)
 
 
+def warmup_batches(loader: DataLoader, compiled: bool) -> int:
+    """Untimed batches before an end-to-end rate: two (workers started, kernels chosen), and when
+    compiled a whole epoch and one more, so every batch shape (the smaller last batch, the first
+    of the next epoch) has compiled before the clock starts."""
+    return len(loader) + 1 if compiled else 2
+
+
 def end_to_end(
     name: str,
     samples: list[Sample],
@@ -264,7 +273,7 @@ def end_to_end(
                 trainer.step(images, labels)
                 yield len(images)
 
-        return rate(steps(), sync, steps=args.e2e_steps, warmup=2)
+        return rate(steps(), sync, steps=args.e2e_steps, warmup=warmup_batches(loader, cfg.train.compile))
 
     pil = run(pil_loader(samples, cfg, args, device), torch.nn.Identity())
     loader, _, _ = cached_loader(samples, cfg, args, device)
@@ -322,14 +331,32 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def default_precision(device: torch.device) -> str:
+    """What training would use: bf16 where the card computes it natively (Ampere and newer), fp16
+    on older cards (V100, T4: there bf16 is only emulated), fp32 on the CPU."""
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+
+
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    """Waits for the measured device (``torch.cuda.synchronize()`` alone waits for the current
+    device, which need not be the one measured)."""
+    if device.type != "cuda":
+        return lambda: None
+    return lambda: torch.cuda.synchronize(device)
+
+
 def run_bench(args: argparse.Namespace) -> dict:
     """Every measurement, as the JSON-ready dict ``anemia-dist bench`` writes."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())  # the card measured, by index
     if args.workers is None:
         args.workers = 8 if device.type == "cuda" else 0
     if args.precision is None:
-        args.precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        args.precision = default_precision(device)
+    sync = synchronizer(device)
     cfg = bench_config(args)
     threads = torch.get_num_threads()
     # On the CPU both pipelines get the same cores: the loader workers, or this one process.

@@ -215,11 +215,15 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--e2e-steps", type=int, default=20, help="timed end-to-end training steps per pipeline")
     bench.add_argument(
         "--precision",
-        choices=["bf16", "fp32"],
+        choices=["bf16", "fp16", "fp32"],
         default=None,
-        help="default: bf16 autocast on a GPU that supports it, else fp32",
+        help="default: bf16 autocast on a GPU that computes it natively, fp16 on older GPUs, fp32 on the CPU",
     )
-    bench.add_argument("--compile", action="store_true", help="torch.compile the model (model rates only)")
+    bench.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model (model rates and end-to-end steps; every batch shape compiles before timing)",
+    )
     bench.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available, else cpu")
     bench.set_defaults(func=cmd_bench)
 

@@ -7,8 +7,9 @@ from __future__ import annotations
 import torch
 from helpers import TINY_BENCH, make_image_folder, phase_step
 from PIL import Image
+from torch.utils.data import DataLoader, TensorDataset
 
-from anemia_dist.bench import make_photos
+from anemia_dist.bench import default_precision, make_photos, synchronizer, warmup_batches
 from anemia_dist.bench import run_bench as run_bench_in_process
 from anemia_dist.cli import build_parser
 from anemia_dist.config import ModelConfig
@@ -46,3 +47,38 @@ def test_phase_one_builds_no_autograd_graph_through_the_frozen_backbone():
     unfreeze(model, ["layer4"])
     phase_step(model, optimizer)
     assert seen == {"layer3": False, "layer4": True}
+
+
+def emulating_card(monkeypatch, native: bool) -> None:
+    """A CUDA card as torch reports it: bf16 natively, or (V100, T4) only by emulation."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native or including_emulation)
+
+
+def test_the_bench_picks_fp16_where_the_card_only_emulates_bf16(monkeypatch):
+    emulating_card(monkeypatch, native=False)
+    assert torch.cuda.is_bf16_supported()  # the control: asked the default way, emulation counts
+    assert default_precision(torch.device("cuda", 0)) == "fp16"
+    emulating_card(monkeypatch, native=True)
+    assert default_precision(torch.device("cuda", 0)) == "bf16"
+    assert default_precision(torch.device("cpu")) == "fp32"
+
+
+def test_the_bench_waits_for_the_device_it_measures(monkeypatch):
+    waited = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waited.append(device))
+    synchronizer(torch.device("cuda", 1))()
+    assert waited == [torch.device("cuda", 1)]
+    synchronizer(torch.device("cpu"))()
+    assert waited == [torch.device("cuda", 1)]
+
+
+def test_compiled_end_to_end_warm_up_sees_every_batch_shape_before_the_clock_starts():
+    loader = DataLoader(TensorDataset(torch.zeros(10, 1)), batch_size=4, shuffle=True)  # batches of 4, 4, 2
+    shapes = {len(batch[0]) for batch in loader}
+
+    def seen_in_warmup(compiled: bool) -> set[int]:
+        batches = (len(b[0]) for _ in range(10) for b in loader)
+        return {next(batches) for _ in range(warmup_batches(loader, compiled))}
+
+    assert seen_in_warmup(compiled=True) == shapes == {4, 2}
+    assert seen_in_warmup(compiled=False) == {4}  # eager needs no more: the clock may meet a new shape
