@@ -149,6 +149,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gpu_check(args: argparse.Namespace) -> int:
+    from .gpu_check import collective_probe, run_gpu_check
+
+    if args.collective_probe:
+        return collective_probe(*args.collective_probe)
+    parser, common = build_parser(), ["bench", "--arch", args.arch]
+    runs = {
+        "bench": parser.parse_args(common),
+        "bench --compile": parser.parse_args(
+            [*common, "--compile", "--small", "16", "--large", "0", "--e2e-steps", "10"]
+        ),
+    }
+    return run_gpu_check(runs, launch_command, args.arch, args.workdir)
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from .sweep import main as sweep_main
 
@@ -228,6 +243,18 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     bench.set_defaults(func=cmd_bench)
 
 
+def _add_gpu_check_parser(sub: argparse._SubParsersAction) -> None:
+    check = sub.add_parser(
+        "gpu-check",
+        help="what only a GPU can show (bench targets, waits for the GPU, compiled graphs, score agreement, "
+        "NCCL timeout): one PASS/FAIL line each, about 10 minutes",
+    )
+    check.add_argument("--arch", default=ModelConfig.arch, choices=ARCHS, help="the model of every check")
+    check.add_argument("--workdir", default=None, help="where the synthetic data and runs go (default: a temp dir)")
+    check.add_argument("--collective-probe", nargs=2, type=float, default=None, help=argparse.SUPPRESS)
+    check.set_defaults(func=cmd_gpu_check)
+
+
 def _add_sweep_parser(sub: argparse._SubParsersAction) -> None:
     sweep = sub.add_parser("sweep", help="hyperparameter sweeps over config keys: W&B (init) or a local grid (run)")
     add_sweep_arguments(sweep)
@@ -300,6 +327,7 @@ SUBCOMMANDS = (
     _add_audit_parser,
     _add_fetch_parser,
     _add_bench_parser,
+    _add_gpu_check_parser,
     _add_sweep_parser,
     _add_evaluate_parser,
     _add_predict_parser,
