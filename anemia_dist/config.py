@@ -82,6 +82,11 @@ class DataConfig:
     """data.pipeline=gpu: also keep the decoded images in this folder, keyed by file content, so
     later runs skip decoding; ``evaluate`` reads them too. Must be visible to every node; only the
     main process of a training run writes it."""
+    node_cache_dir: str | None = None
+    """data.pipeline=gpu with several processes: where each node's local main process writes the
+    decoded images once for the node's other ranks to map (one copy in memory per node, not per
+    rank; removed as soon as every rank has mapped it). Default: the temp dir (``$TMPDIR``, on
+    SLURM usually node-local); must be local to the node, not shared."""
     alpha_background: list[int] = field(default_factory=lambda: [124, 116, 104])
     """RGB colour that transparent pixels are composited onto (the ImageNet mean: neutral after
     normalisation). Real conjunctiva crops are RGBA with the mask in alpha."""

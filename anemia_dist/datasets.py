@@ -11,7 +11,9 @@ stored on disk, keyed by the file's content hash, the working size and the backg
 later run (or another fold) starts without decoding.
 
 The loader workers read the same memory: forked workers share its pages (nothing writes to
-them, so nothing is copied), and under spawn torch's pickling moves it to shared memory.
+them, so nothing is copied), and under spawn torch's pickling moves it to shared memory. With
+several processes on a node, the node's local main process decodes once into a node-local file
+that every rank of the node maps (``data.node_cache_dir``).
 ``data.pipeline=pil`` is the methodology as usually written: each image decoded and augmented
 with PIL transforms (:mod:`anemia_dist.transforms`) in the loader workers, every epoch.
 """
@@ -21,6 +23,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import tempfile
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .batch_augment import EvalResize, TrainAugment
 from .config import Config, DataConfig
+from .distributed import broadcast_from_main
 from .errors import DataError
 from .images import load_rgb, working_size
 from .sources import Sample
@@ -162,6 +167,43 @@ def decode_all(
     return images, stats
 
 
+def node_files(cfg: DataConfig, parts: dict[str, list[str]]) -> dict[str, Path]:
+    """Where this run's node-shared cache files go: one per split, named by a token the main
+    process draws (the same on every rank, unique per run)."""
+    directory = Path(cfg.node_cache_dir) if cfg.node_cache_dir is not None else Path(tempfile.gettempdir())
+    token = broadcast_from_main(uuid.uuid4().hex)
+    return {name: directory / f"anemia-dist-{token}-{name}.npy" for name in parts}
+
+
+def _write_node_file(path: Path, images: torch.Tensor) -> None:
+    """Atomic, so a rank never maps half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            np.save(handle, images.numpy(), allow_pickle=False)
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise DataError(
+            f"{path.parent}: cannot write the node's decoded-image cache ({error}); "
+            f"point data.node_cache_dir at a node-local folder with {images.numel() / 2**30:.1f} GiB free"
+        ) from None
+
+
+def share_on_node(state: PartialState, files: dict[str, Path]) -> dict[str, torch.Tensor]:
+    """Every rank maps its node's files (copy-on-write: the pages stay shared, one copy per node in
+    the page cache, and forked loader workers share them too); once all have, the files are
+    unlinked, and the memory goes when the last rank exits."""
+    state.wait_for_everyone()  # every node's local main process has written
+    images = {name: torch.from_numpy(np.load(path, mmap_mode="c")) for name, path in files.items()}
+    state.wait_for_everyone()  # every rank has mapped
+    if state.is_local_main_process:
+        for path in files.values():
+            path.unlink(missing_ok=True)  # a node file system shared by nodes: another node's main may be first
+    return images
+
+
 class CachedImages(Dataset):
     """(uint8 image [3, W, W], label) pairs from the decoded tensor (or :class:`DecodedOnAccess`).
 
@@ -188,25 +230,34 @@ def cached_datasets(cfg: DataConfig, split: SplitData, channels_last: bool) -> t
 
     Validation images are decoded at ``image_size``, so training-time validation sees the same
     pixels as ``evaluate``/``predict`` (no second resize) and the saved threshold fits them.
-    Every process holds its own copy in memory. With ``data.cache_dir`` the main process decodes
-    and writes first while the others wait, then they read its entries (only the main process
-    writes files); without it, every process decodes for itself.
+    With several processes each node's local main process decodes, and the node's ranks map its
+    result (:func:`share_on_node`): one decode and one copy in memory per node. With
+    ``data.cache_dir`` the main process decodes and writes first while the others wait, then the
+    other nodes' local main processes read its entries (only the main process writes there).
     """
     state = PartialState()
     sizes = {"train": working_size(cfg.image_size), "val": cfg.image_size}
     parts = {"train": [s.path for s in split.train], "val": [s.path for s in split.val]}
+    shared = node_files(cfg, parts) if state.num_processes > 1 else None
     images, stats = {}, CacheStats()
     with state.main_process_first() if cfg.cache_dir is not None else contextlib.nullcontext():
         for name, paths in parts.items():
+            if shared is not None and not state.is_local_main_process:
+                continue  # the node's local main process decodes for it
             images[name], part_stats = decode_all(
                 paths, sizes[name], cfg.alpha_background, cfg.num_workers, cfg.cache_dir, write=state.is_main_process
             )
             stats.decoded, stats.from_disk = stats.decoded + part_stats.decoded, stats.from_disk + part_stats.from_disk
+            if shared is not None:
+                _write_node_file(shared[name], images[name])
+    if shared is not None:
+        images = share_on_node(state, shared)
     stored = f", {stats.from_disk} read from {cfg.cache_dir}" if cfg.cache_dir is not None else ""
     megabytes = sum(t.numel() for t in images.values()) / 2**20
+    where = "per node (decoded once by its local main process)" if shared is not None else "per process"
     logger.info(
         f"decoded-image cache: {len(parts['train'])} training images at {sizes['train']}px, {len(parts['val'])} "
-        f"validation images at {sizes['val']}px, {megabytes:.1f} MiB per process; {stats.decoded} decoded{stored}"
+        f"validation images at {sizes['val']}px, {megabytes:.1f} MiB {where}; {stats.decoded} decoded{stored}"
     )
     return (
         CachedImages(images["train"], [s.label for s in split.train], TrainAugment(cfg.image_size, channels_last)),
