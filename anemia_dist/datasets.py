@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import tempfile
 import uuid
 from collections.abc import Callable, Sequence
@@ -293,6 +294,7 @@ def make_loaders(cfg: Config, split: SplitData, pin_memory: bool) -> tuple[DataL
     )
     if cfg.data.pipeline == "gpu":
         train, val = cached_datasets(cfg.data, split, cfg.train.channels_last)
+        require_shared_memory(train.images.numel() + val.images.numel(), workers)
     else:
         background = cfg.data.alpha_background
         train = ImageDataset(split.train, train_transform(cfg.data.image_size), background)
@@ -303,6 +305,25 @@ def make_loaders(cfg: Config, split: SplitData, pin_memory: bool) -> tuple[DataL
         DataLoader(train, shuffle=True, generator=torch.Generator().manual_seed(cfg.train.seed), **common),
         DataLoader(val, shuffle=False, generator=torch.Generator().manual_seed(cfg.train.seed), **common),
     )
+
+
+SHARED_MEMORY = Path("/dev/shm")
+
+
+def require_shared_memory(nbytes: int, workers: int) -> None:
+    """Loader workers started by spawn or forkserver (not fork) receive the decoded cache through
+    shared memory (``/dev/shm``): stop with what to do when it cannot hold it, instead of a bus
+    error in a worker. Forked workers share the parent's pages and need none."""
+    if workers == 0 or torch.multiprocessing.get_start_method() == "fork" or not SHARED_MEMORY.is_dir():
+        return
+    free = shutil.disk_usage(SHARED_MEMORY).free
+    if free < nbytes:
+        raise DataError(
+            f"data.num_workers={workers}: loader workers started by {torch.multiprocessing.get_start_method()} "
+            f"receive the decoded images ({nbytes / 2**30:.2f} GiB) through {SHARED_MEMORY}, which has "
+            f"{free / 2**30:.2f} GiB free. Set data.num_workers=0 (the augmentation runs on the device anyway), "
+            f"enlarge {SHARED_MEMORY} (docker run --shm-size), or start workers by fork"
+        )
 
 
 def device_transform(loader: DataLoader) -> Callable[[torch.Tensor], torch.Tensor]:

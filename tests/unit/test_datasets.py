@@ -207,3 +207,15 @@ def test_pil_pipeline_keeps_the_per_image_pil_datasets(tmp_path):
     images, _ = next(iter(train))
     assert images.dtype == torch.float32 and images.shape[1:] == (3, 32, 32)
     assert torch.equal(device_transform(train)(images), images)
+
+
+def test_spawned_workers_without_room_in_shared_memory_stop_with_what_to_do(tmp_path, monkeypatch):
+    cfg, split = split_and_config(tmp_path, "data.num_workers=2")
+    make_loaders(cfg, split, pin_memory=False)  # the control: forked workers need no shared memory
+    monkeypatch.setattr(torch.multiprocessing, "get_start_method", lambda: "forkserver")
+    make_loaders(cfg, split, pin_memory=False)  # room enough
+    monkeypatch.setattr(datasets.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 1000})())
+    with pytest.raises(DataError, match=r"data.num_workers=2: .*forkserver.*/dev/shm.*data.num_workers=0"):
+        make_loaders(cfg, split, pin_memory=False)
+    zero_workers = load_config(None, [*TINY, f"data.root={cfg.data.root}", "data.num_workers=0"])
+    make_loaders(zero_workers, split, pin_memory=False)
