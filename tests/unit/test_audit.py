@@ -83,7 +83,7 @@ def test_reencoded_resized_copy_is_a_near_duplicate_and_a_different_picture_is_n
         ["eye-again.jpg", "eye.png"]
     ]
     assert report.exact_groups == [] and report.conflicts == []
-    assert audit(root, near_duplicate_distance=None).near_groups == []
+    assert audit(root, near_duplicate_distance=None, near_copy_threshold=None).near_groups == []
 
 
 def test_near_pairs_finds_exactly_the_pairs_within_the_distance():
@@ -177,3 +177,38 @@ def test_audit_counts_colour_profiles_and_cameras_and_flags_unconvertible_colour
     assert "cameras (EXIF make and model): Apple iPhone 12 x2, Canon EOS R5 x1; 7 files without" in text
     rows = [row for row in report.rows() if row["kind"] == "unconvertible_colour"]
     assert len(rows) == 1 and "ICC profile cannot be read" in rows[0]["detail"]
+
+
+def test_mirrored_copies_are_grouped_by_the_near_copy_finder_and_the_json_names_it(tmp_path):
+    root = make_image_folder(tmp_path / "data", {"anemic": 4, "non-anemic": 4})
+    original = smooth_picture(3)
+    original.save(root / "anemic" / "eye.png")
+    mirrored = original.transpose(Image.Transpose.FLIP_LEFT_RIGHT).resize((56, 56))
+    (root / "non-anemic" / "eye-mirrored.jpg").write_bytes(encoded(mirrored, "JPEG", quality=85))
+    report = audit(root)
+    assert [sorted(Path(report.checks[i].path).name for i in g) for g in report.near_groups] == [
+        ["eye-mirrored.jpg", "eye.png"]
+    ]
+    # Control: the difference hash alone does not see a mirror.
+    assert audit(root, near_copy_threshold=None).near_groups == []
+    report.write(tmp_path / "report")
+    summary = json.loads((tmp_path / "report" / AUDIT_JSON).read_text())
+    assert summary["near_copy_finder"] == "near-copies-1" and summary["near_copy_threshold"] == 0.10
+    assert summary["copy_groups"] == 1 and summary["distinct_pictures"] == 9
+    (conflict,) = summary["conflicting_label_groups"]
+    assert {(Path(m["path"]).name, m["label"]) for m in conflict["members"]} == {
+        ("eye.png", "anemic"),
+        ("eye-mirrored.jpg", "non-anemic"),
+    }
+    assert audit(root, near_copy_threshold=0.0).near_groups == []
+
+
+def test_pairs_reviewed_as_copies_join_one_group(tmp_path):
+    root = make_image_folder(tmp_path / "data", {"anemic": 4, "non-anemic": 4})
+    review = tmp_path / "review.csv"
+    copy, distinct = (root / "anemic" / "img_001.png", root / "non-anemic" / "img_002.png"), ("img_000", "img_003")
+    review.write_text(f"a,b,verdict,note\n{copy[0]},{copy[1]},copy,re-cut\n{distinct[0]},{distinct[1]},distinct,\n")
+    report = audit(root, copy_review=str(review))
+    assert [sorted(report.checks[i].path for i in g) for g in report.near_groups] == [sorted(map(str, copy))]
+    assert report.reviewed_copies == 1 and len(report.conflicts) == 1
+    assert audit(root).near_groups == []  # control: without the review they are different pictures
