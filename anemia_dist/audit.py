@@ -183,6 +183,8 @@ class AuditReport:
     """The finder's cut-off (``data.near_copy_threshold``); None when it was off."""
     reviewed_copies: int = 0
     """Pairs of files reviewed as copies (``data.copy_review``) found among the files."""
+    measures: list[str] = field(default_factory=list)
+    """The manifest's measurement per sample (``data.measure_column``); empty without one."""
     conflicts: list[tuple[str, int]] = field(init=False)
     """(``exact``/``near``, group index) of groups whose copies carry different labels."""
 
@@ -264,14 +266,29 @@ class AuditReport:
             "detail": detail,
         }
 
-    def conflict_listing(self) -> list[dict[str, object]]:
-        """Every copy group whose members carry different labels, with every member's path and label."""
+    def conflict_listing(self, conflicts: Sequence[tuple[str, int]] | None = None) -> list[dict[str, object]]:
+        """Every copy group whose members carry different labels (or the ``conflicts`` given), with
+        every member's path, label and measurement."""
         listing = []
-        for scope, index in self.conflicts:
+        for scope, index in self.conflicts if conflicts is None else conflicts:
             group = self.group(scope, index)
             members = [{"path": self.checks[i].path, "label": self.labels[i]} for i in group]
+            if self.measures:
+                for member, i in zip(members, group, strict=True):
+                    member["measure"] = self.measures[i]
             listing.append({"scope": scope, "paths": [m["path"] for m in members], "members": members})
         return listing
+
+    def measure_conflicts(self) -> list[tuple[str, int]]:
+        """(scope, group index) of copy groups whose members carry different measurements."""
+        if not self.measures:
+            return []
+        return [
+            (scope, index)
+            for scope, groups in (("exact", self.exact_groups), ("near", self.near_groups))
+            for index, group in enumerate(groups)
+            if len({self.measures[i] for i in group}) > 1
+        ]
 
     def summary(self) -> dict[str, object]:
         bad = Counter(self.checks[i].problem for i in self.bad)
@@ -293,6 +310,7 @@ class AuditReport:
             "copy_groups": self.copy_counts()[0],
             "distinct_pictures": self.copy_counts()[1],
             "conflicting_label_groups": self.conflict_listing(),
+            "conflicting_measure_groups": self.conflict_listing(self.measure_conflicts()),
             **self.colour_and_cameras(),
             "min_size": self.min_size,
             "seconds": round(self.seconds, 3),
@@ -309,7 +327,8 @@ class AuditReport:
             f"  near duplicates ({self.near_rule()}): {s['near_duplicate_groups']} groups, "
             f"{s['near_duplicate_files']} files",
             f"  copy groups (exact and near merged): {s['copy_groups']}; distinct pictures: {s['distinct_pictures']}",
-            f"  duplicate groups with conflicting labels: {len(self.conflicts)}",
+            f"  duplicate groups with conflicting labels: {len(self.conflicts)}"
+            + (f"; with different measurements: {len(s['conflicting_measure_groups'])}" if self.measures else ""),
         ]
         for scope, index in self.conflicts[:10]:
             named = (f"{Path(self.checks[i].path).name} ({self.labels[i]})" for i in self.group(scope, index))
@@ -385,6 +404,7 @@ def audit_samples(
         merged[int(component[k])].append(k)
     near = [sorted(i for k in ks for i in contents[k]) for ks in merged.values() if len(ks) > 1]
     labels = [classes[s.label] for s in samples]
+    measures = [s.measure for s in samples] if any(s.measure for s in samples) else []
     return AuditReport(
         checks,
         labels,
@@ -395,6 +415,7 @@ def audit_samples(
         time.perf_counter() - started,
         near_copy_threshold,
         len(reviewed_pairs),
+        measures,
     )
 
 

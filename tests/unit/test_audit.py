@@ -212,3 +212,19 @@ def test_pairs_reviewed_as_copies_join_one_group(tmp_path):
     assert [sorted(report.checks[i].path for i in g) for g in report.near_groups] == [sorted(map(str, copy))]
     assert report.reviewed_copies == 1 and len(report.conflicts) == 1
     assert audit(root).near_groups == []  # control: without the review they are different pictures
+
+
+def test_copies_with_different_measurements_are_listed_with_every_member(tmp_path):
+    make_image_folder(tmp_path, {"a": 3, "b": 1})
+    shutil.copy(tmp_path / "a" / "img_000.png", tmp_path / "a" / "copy.png")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,hb\na/img_000.png,10.2\na/copy.png,12.5\na/img_001.png,9.0\na/img_002.png,13.0\n")
+    cfg = DataConfig(manifest=str(manifest), measure_column="hb", threshold=11.0)
+    summary = audit_data(cfg)[2].summary()
+    (conflict,) = summary["conflicting_measure_groups"]
+    assert {(Path(m["path"]).name, m["label"], m["measure"]) for m in conflict["members"]} == {
+        ("img_000.png", cfg.below_label, "10.2"),
+        ("copy.png", cfg.above_label, "12.5"),
+    }
+    assert len(summary["conflicting_label_groups"]) == 1
+    assert audit(tmp_path).summary()["conflicting_measure_groups"] == []  # a folder has no measurements
