@@ -32,7 +32,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from . import near_copies
-from .config import DataConfig
+from .config import DataConfig, review_path
 from .images import ColourError, decode_rgb, describe_profile, embedded_profile, working_size
 from .run_dir import AUDIT_CSV, AUDIT_JSON, EXCLUDED
 from .sources import Sample, load_samples
@@ -441,7 +441,7 @@ def _pair_keys(n: int, pairs: Sequence[tuple[int, int]]) -> list[list[object]]:
 def audit_data(cfg: DataConfig) -> tuple[list[Sample], list[str], AuditReport]:
     """Every sample the config names, and the audit of their files (what ``anemia-dist audit-data`` runs)."""
     samples, classes = load_samples(cfg)
-    reviewed = [] if cfg.copy_review is None else near_copies.read_review(cfg.copy_review)
+    reviewed = [] if cfg.copy_review is None else near_copies.read_review(review_path(cfg.copy_review))
     report = audit_samples(
         samples,
         classes,

@@ -125,8 +125,9 @@ class DataConfig:
     split, beside the dHash pairs; null turns it off. 0.10 is set on a benchmark (docs/near-copies.md):
     recall 0.97 on made copies, 6e-5 of CP-AnemiC's distinct pairs merged."""
     copy_review: str | None = None
-    """CSV of pairs reviewed by eye (columns a, b, verdict; a/b a file name, stem or path): rows whose
-    verdict is ``copy`` join one copy group, for re-cuts no finder sees (docs/near-copies-review.csv)."""
+    """CSV of pairs reviewed by eye (columns a, b, verdict; a/b a file name, stem or path), or the name
+    of a packaged one (``cp_anemic_review.csv``, which ``--config cp_anemic`` uses): rows whose verdict
+    is ``copy`` join one copy group, for re-cuts no finder sees (docs/near-copies.md)."""
     duplicates: Literal["keep", "first"] = "keep"
     """``keep``: every copy trains, all copies in one split. ``first``: only the first file (by
     path) of each duplicate group is used, and groups with conflicting labels are left out."""
@@ -172,7 +173,11 @@ class DataConfig:
                 f"must be in 0..1 or null, got {self.near_copy_threshold}",
             )
         if self.copy_review is not None:
-            _check(Path(self.copy_review).is_file(), "data.copy_review", f"{self.copy_review!r} is not a file")
+            _check(
+                review_path(self.copy_review).is_file(),
+                "data.copy_review",
+                f"{self.copy_review!r} is neither a file nor a packaged review ({PACKAGED_REVIEWS})",
+            )
         manifest_only = ["measure_column", "site_column", "group_column"]
         for name in manifest_only:
             _check(
@@ -547,6 +552,17 @@ def _rename_old_keys(tree: dict[str, Any]) -> None:
             stacklevel=3,
         )
         values[new_name] = values.pop(old_name)
+
+
+PACKAGED_REVIEWS = "cp_anemic_review.csv"
+"""Review CSVs shipped beside the packaged configs (``data.copy_review`` may name them)."""
+
+
+def review_path(value: str) -> Path:
+    """``data.copy_review``: a file path, or the name of a review CSV shipped with the configs."""
+    path = Path(value)
+    packaged = Path(str(resources.files("anemia_dist") / "configs" / path.name))
+    return path if path.is_file() or not packaged.is_file() else packaged
 
 
 def packaged_config(name: str) -> Path:

@@ -21,7 +21,7 @@ import numpy as np
 
 from . import near_copies
 from .audit import AuditReport, audit_samples, near_pairs
-from .config import DataConfig
+from .config import DataConfig, review_path
 from .errors import DataError
 from .images import working_size
 from .run_dir import SPLITS
@@ -152,7 +152,7 @@ def _reviewed(a, b, good_a, good_b, reviewed: Sequence[tuple[str, str]]) -> set[
 
 def compare(train_spec: str, test_spec: str, cfg: DataConfig) -> tuple[list[dict[str, object]], dict]:
     """Load and check both sets, and return (:func:`cross_copies`, :func:`summary`)."""
-    reviewed = [] if cfg.copy_review is None else near_copies.read_review(cfg.copy_review)
+    reviewed = [] if cfg.copy_review is None else near_copies.read_review(review_path(cfg.copy_review))
     train, test = (check(load_set(spec, side, cfg), cfg) for spec, side in ((train_spec, "train"), (test_spec, "test")))
     rows = cross_copies(train, test, cfg, [(a, b) for a, b, verdict in reviewed if verdict == "copy"])
     return rows, summary(train, test, rows, cfg)

@@ -8,7 +8,7 @@ within the cut-off of a different picture). Everything is seeded; docs/near-copi
 table this writes and the command that reproduces it::
 
     python -m anemia_dist.near_copy_bench --data ../shared/data/cp-anemic \
-        --review docs/near-copies-review.csv --out docs/near-copies.json
+        --review anemia_dist/configs/cp_anemic_review.csv --out docs/near-copies.json
 """
 
 from __future__ import annotations

@@ -82,20 +82,18 @@ def test_site_held_out_folds_keep_one_copy_and_hold_out_whole_hospitals(cp_anemi
         assert {s.site for s in split.train}.isdisjoint({s.site for s in split.val})
         for site in {s.site for s in split.val}:
             held_out[site].append(fold)
-        assert Counter(e.reason for e in split.excluded) == {"duplicate_copy": 216, "conflicting_labels": 14}
+        assert Counter(e.reason for e in split.excluded) == {"duplicate_copy": 229, "conflicting_labels": 14}
     assert len(held_out) == 9 and all(len(folds) == 1 for folds in held_out.values())
     assert len(audit_once) == 1, "one audit served the five folds"
 
 
-REVIEW = Path(__file__).resolve().parents[2] / "docs" / "near-copies-review.csv"
-
-
 def test_no_validation_crop_has_a_near_copy_in_training_in_the_default_split_or_any_fold(cp_anemic, audit_once):
     """Issue 17's guarantee. For the default split and every fold of data.folds=5: (1) the finder
-    (near-copies-1 at its cut-off, exact copies, the reviewed re-cuts) finds no validation crop with a
-    copy in training; (2) on tiny thumbnails (as training sees the picture; nothing shared with the
-    finder) no validation crop is closer to a training crop than the closest pair the finder left
-    apart on one side. Without the reviewed re-cuts (2) fails on folds 1 and 3 (Image_375/376)."""
+    (near-copies-1 at its cut-off, exact copies, the re-cuts reviewed in cp_anemic_review.csv) finds
+    no validation crop with a copy in training; (2) on tiny thumbnails (as training sees the picture;
+    nothing shared with the finder) no validation crop is closer to a training crop than the closest
+    pair the finder left apart on one side. Without the review, (2) fails on folds 1 and 3
+    (Image_375/376)."""
     thumbs: dict[str, np.ndarray] = {}
 
     def thumbnails(part, background) -> np.ndarray:
@@ -109,8 +107,7 @@ def test_no_validation_crop_has_a_near_copy_in_training_in_the_default_split_or_
         val, train = thumbnails(split.val, background), thumbnails(split.train, background)
         return near_copies.split_margin(val, train, [s.unit for s in split.val], [s.unit for s in split.train])
 
-    review = f"data.copy_review={REVIEW}"
-    settings = [[review]] + [[review, "data.folds=5", f"data.fold={fold}"] for fold in range(5)]
+    settings = [[]] + [["data.folds=5", f"data.fold={fold}"] for fold in range(5)]
     for overrides in settings:
         cfg = cp_config(cp_anemic, *overrides)
         split = build_split(cfg, seed=42)
@@ -123,5 +120,5 @@ def test_no_validation_crop_has_a_near_copy_in_training_in_the_default_split_or_
         assert margin.holds, (overrides, margin)
     assert len(audit_once) == 2, "one audit served the default split, one the five folds"
     # Control: the check can fail. Without the reviewed re-cuts, Image_375/376 straddle fold 1.
-    cfg = cp_config(cp_anemic, "data.folds=5", "data.fold=1")
+    cfg = cp_config(cp_anemic, "data.folds=5", "data.fold=1", "data.copy_review=null")
     assert not margin_of(build_split(cfg, seed=42), cfg.alpha_background).holds
