@@ -83,11 +83,11 @@ def camera_name(image: Image.Image) -> str:
     return f"{make} {model}".strip()
 
 
-def check_file(path: str, min_size: int, background: Sequence[int], decode_side: int) -> FileCheck:
+def check_file(path: str, min_size: int, background: Sequence[int], decode_side: int, vector: bool = True) -> FileCheck:
     """Read, hash and decode one file; every failure becomes a finding, never an exception.
 
     ``decode_side``: as :func:`anemia_dist.images.decode_rgb`'s ``min_side``; the sizes reported
-    are the file's own."""
+    are the file's own. ``vector``: also take the near-copy finder's vector."""
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
@@ -104,7 +104,7 @@ def check_file(path: str, min_size: int, background: Sequence[int], decode_side:
             found = embedded_profile(image)
             profile = describe_profile(found) if found is not None else ""
             rgb = decode_rgb(image, tuple(background), decode_side)
-            vector = near_copies.feature(image)
+            found_vector = near_copies.feature(image) if vector else None
     except UnidentifiedImageError:
         return FileCheck(path, "not_image", f"not an image format Pillow can read ({len(data)} bytes)", digest)
     except ColourError as error:
@@ -116,7 +116,7 @@ def check_file(path: str, min_size: int, background: Sequence[int], decode_side:
     if min(width, height) < min_size:
         detail = f"{width}x{height} pixels; data.min_size={min_size}"
         return FileCheck(path, "too_small", detail, digest, b"", width, height, profile, camera)
-    return FileCheck(path, None, fmt, digest, dhash(rgb), width, height, profile, camera, vector)
+    return FileCheck(path, None, fmt, digest, dhash(rgb), width, height, profile, camera, found_vector)
 
 
 def _popcount(words: np.ndarray) -> np.ndarray:
@@ -383,7 +383,8 @@ def audit_samples(
     started = time.perf_counter()
     paths = [s.path for s in samples]
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        checks = list(pool.map(lambda p: check_file(p, min_size, background, decode_side), paths))
+        vector = near_copy_threshold is not None
+        checks = list(pool.map(lambda p: check_file(p, min_size, background, decode_side, vector), paths))
     good = [i for i, check in enumerate(checks) if check.problem is None]
 
     by_content: dict[str, list[int]] = defaultdict(list)

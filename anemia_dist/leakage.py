@@ -108,16 +108,18 @@ def cross_copies(
         hashes = [a[i].dhash for i in good_a] + [b[j].dhash for j in good_b]
         found = near_pairs(hashes, cfg.near_duplicate_distance)
         pairs |= {(good_a[p], good_b[q - len(good_a)]) for p, q in found if p < len(good_a) <= q}
-    vectors_a = np.stack([a[i].vector for i in good_a]) if good_a else np.zeros((0, near_copies.DIMENSIONS))
-    vectors_b = np.stack([b[j].vector for j in good_b]) if good_b else np.zeros((0, near_copies.DIMENSIONS))
-    if cfg.near_copy_threshold is not None:
+    finder = cfg.near_copy_threshold is not None  # else the files have no vectors
+    vectors_a = np.stack([a[i].vector for i in good_a]) if finder and good_a else np.zeros((0, near_copies.DIMENSIONS))
+    vectors_b = np.stack([b[j].vector for j in good_b]) if finder and good_b else np.zeros((0, near_copies.DIMENSIONS))
+    if finder:
         found = near_copies.cross_pairs(vectors_a, vectors_b, cfg.near_copy_threshold)
         pairs |= {(good_a[p], good_b[q]) for p, q, _ in found}
     pairs |= _reviewed(a, b, good_a, good_b, reviewed)
     row_of_a, row_of_b = {i: k for k, i in enumerate(good_a)}, {j: k for k, j in enumerate(good_b)}
     rows = []
     for i, j in pairs:
-        distance = near_copies.distances(vectors_a[row_of_a[i]][None], vectors_b[row_of_b[j]][None])[0, 0]
+        pair = (vectors_a[row_of_a[i]][None], vectors_b[row_of_b[j]][None]) if finder else None
+        distance = round(float(near_copies.distances(*pair)[0, 0]), 4) if pair else ""
         rows.append(
             {
                 "kind": "exact" if a[i].sha256 == b[j].sha256 else "near",
@@ -126,10 +128,10 @@ def cross_copies(
                 "test_path": b[j].path,
                 "test_label": test.labels[j],
                 "dhash_bits": _dhash_bits(a[i].dhash, b[j].dhash),
-                "distance": round(float(distance), 4),
+                "distance": distance,
             }
         )
-    return sorted(rows, key=lambda row: (row["test_path"], row["distance"], row["train_path"]))
+    return sorted(rows, key=lambda row: (row["test_path"], str(row["distance"]), row["train_path"]))
 
 
 def _reviewed(a, b, good_a, good_b, reviewed: Sequence[tuple[str, str]]) -> set[tuple[int, int]]:
@@ -199,7 +201,7 @@ def text(rows: Sequence[dict[str, object]], counts: dict, shown: int = 20) -> st
         lines.append(
             f"  {row['kind']:<5} {row['test_path']}{_label(row['test_label'])}"
             f" = {row['train_path']}{_label(row['train_label'])}"
-            f"  dHash {row['dhash_bits']} bits, distance {row['distance']:.3f}"
+            f"  dHash {row['dhash_bits']} bits, distance {row['distance']}"
         )
     if len(rows) > shown:
         lines.append(f"  ... {len(rows) - shown} more in the report")

@@ -113,3 +113,12 @@ def test_a_runs_splits_csv_compares_its_train_rows_with_its_val_rows(sets, tmp_p
     assert [(Path(r["test_path"]).name, Path(r["train_path"]).name) for r in rows_of(tmp_path / "out")] == [
         planted["exact"]
     ]
+
+
+def test_with_the_finder_off_only_the_hash_rules_compare(sets, tmp_path):
+    train, test, _, planted = sets
+    off = ["data.near_copy_threshold=null", "data.near_duplicate_distance=null"]
+    assert main(["audit-data", "--compare", str(train), str(test), "--out", str(tmp_path), *off]) == 1
+    assert [(Path(r["test_path"]).name, Path(r["train_path"]).name, r["distance"]) for r in rows_of(tmp_path)] == [
+        (*planted["exact"], "")
+    ]
