@@ -421,13 +421,15 @@ def audit_samples(
 
 
 def _reviewed_pairs(contents: Sequence[Sequence[str]], reviewed: Sequence[tuple[str, str]]) -> list[tuple[int, int]]:
-    """Content index pairs of the ``reviewed`` name pairs whose files are both present (by path, name or stem)."""
-    index: dict[str, int] = {}
+    """Content index pairs of the ``reviewed`` name pairs whose files are both present, named by
+    path, file name or stem; a name that several different files share names none of them."""
+    index: dict[str, set[int]] = defaultdict(set)
     for k, members in enumerate(contents):
         for path in members:
             for name in (path, Path(path).name, Path(path).stem):
-                index.setdefault(name, k)
-    found = {tuple(sorted((index[a], index[b]))) for a, b in reviewed if a in index and b in index}
+                index[name].add(k)
+    unique = {name: next(iter(ks)) for name, ks in index.items() if len(ks) == 1}
+    found = {tuple(sorted((unique[a], unique[b]))) for a, b in reviewed if a in unique and b in unique}
     return sorted((a, b) for a, b in found if a != b)
 
 

@@ -135,21 +135,19 @@ def cross_copies(
 
 
 def _reviewed(a, b, good_a, good_b, reviewed: Sequence[tuple[str, str]]) -> set[tuple[int, int]]:
-    """(training, test) index pairs of the pairs reviewed as copies (by path, file name or stem; either order)."""
+    """(training, test) index pairs of the pairs reviewed as copies, either order, named by path,
+    file name or stem; a name that several files of one set share names none of them."""
 
-    def names(checks, good) -> dict[str, list[int]]:
-        index: dict[str, list[int]] = {}
+    def names(checks, good) -> dict[str, int]:
+        index: dict[str, set[int]] = {}
         for i in good:
             for name in {checks[i].path, Path(checks[i].path).name, Path(checks[i].path).stem}:
-                index.setdefault(name, []).append(i)
-        return index
+                index.setdefault(name, set()).add(i)
+        return {name: next(iter(found)) for name, found in index.items() if len(found) == 1}
 
     in_a, in_b = names(a, good_a), names(b, good_b)
-    found = set()
-    for x, y in reviewed:
-        for first, second in ((x, y), (y, x)):
-            found |= {(i, j) for i in in_a.get(first, []) for j in in_b.get(second, [])}
-    return found
+    pairs = [*reviewed, *((y, x) for x, y in reviewed)]
+    return {(in_a[x], in_b[y]) for x, y in pairs if x in in_a and y in in_b}
 
 
 def compare(train_spec: str, test_spec: str, cfg: DataConfig) -> tuple[list[dict[str, object]], dict]:

@@ -228,3 +228,10 @@ def test_copies_with_different_measurements_are_listed_with_every_member(tmp_pat
     }
     assert len(summary["conflicting_label_groups"]) == 1
     assert audit(tmp_path).summary()["conflicting_measure_groups"] == []  # a folder has no measurements
+
+
+def test_a_reviewed_name_that_several_files_share_links_none_of_them(tmp_path):
+    root = make_image_folder(tmp_path / "data", {"anemic": 4, "non-anemic": 4})
+    review = tmp_path / "review.csv"
+    review.write_text("a,b,verdict,note\nimg_001,img_002,copy,ambiguous stems\n")  # in both class folders
+    assert audit(root, copy_review=str(review)).near_groups == []

@@ -122,3 +122,17 @@ def test_with_the_finder_off_only_the_hash_rules_compare(sets, tmp_path):
     assert [(Path(r["test_path"]).name, Path(r["train_path"]).name, r["distance"]) for r in rows_of(tmp_path)] == [
         (*planted["exact"], "")
     ]
+
+
+def test_pairs_reviewed_as_copies_are_reported_across_the_sets(sets, tmp_path):
+    train, _, distinct, _ = sets
+    review = tmp_path / "review.csv"
+    review.write_text("a,b,verdict,note\nnew_0.png,source_00.png,copy,reviewed by eye\n")
+    out = tmp_path / "out"
+    assert (
+        main(["audit-data", "--compare", str(train), str(distinct), "--out", str(out), f"data.copy_review={review}"])
+        == 1
+    )
+    assert [(Path(r["test_path"]).name, Path(r["train_path"]).name) for r in rows_of(out)] == [
+        ("new_0.png", "source_00.png")
+    ]
