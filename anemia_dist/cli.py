@@ -156,10 +156,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_fetch_weights(args: argparse.Namespace) -> int:
-    from .model import fetch_imagenet_weights
+    from .model import fetch_weights
 
-    path = fetch_imagenet_weights(args.arch)
-    print(f"ImageNet weights for {args.arch} are in {path}")
+    ModelConfig(arch=args.arch, weights="none")  # a misspelt arch fails as in training
+    path = fetch_weights(args.arch)
+    print(f"pretrained weights for {args.arch} are in {path}")
     return 0
 
 
@@ -190,8 +191,11 @@ def _add_audit_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_fetch_parser(sub: argparse._SubParsersAction) -> None:
-    fetch = sub.add_parser("fetch-weights", help="download ImageNet weights into the torch hub cache")
-    fetch.add_argument("--arch", default="resnet50", choices=ARCHS)
+    fetch = sub.add_parser(
+        "fetch-weights",
+        help="download pretrained weights into the local cache (torch hub; Hugging Face hub for timm:<name>)",
+    )
+    fetch.add_argument("--arch", default=ModelConfig.arch, help=f"{', '.join(ARCHS)} or timm:<name>")
     fetch.set_defaults(func=cmd_fetch_weights)
 
 

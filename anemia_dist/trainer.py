@@ -35,7 +35,15 @@ from .early_stopping import EarlyStopping
 from .errors import ConfigError
 from .figures import plot_curves
 from .metrics import OperatingPoint, positive_index, require_both_classes, screening_metrics
-from .model import build_model, freeze_backbone, optimizer_param_groups, set_train_mode, trainable_stages, unfreeze
+from .model import (
+    build_model,
+    freeze_backbone,
+    optimizer_param_groups,
+    resolve_stages,
+    set_train_mode,
+    trainable_stages,
+    unfreeze,
+)
 from .preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionWatcher
 from .progress import Totals, TrainingProgress, batch_totals
 from .report import write_validation_report
@@ -100,9 +108,10 @@ def train(cfg: Config) -> dict[str, Any]:
     run = RunDirectory(resolve_run_dir(cfg), writes=accelerator.is_main_process)
     checkpointer = Checkpointer(accelerator, run.path, cfg, split.classes)
     resume_from = checkpointer.resume_point()  # a bad run.resume stops before any file is written
+    model = build_model(cfg.model, len(split.classes), cfg.data.image_size)  # so do missing weights
+    resolve_stages(model, cfg.unfreeze.layers)  # and a timm backbone's misspelt stage
     write_run_start(cfg, run, split)
     loaders = make_loaders(cfg, split, pin_memory=accelerator.device.type == "cuda")
-    model = build_model(cfg.model, len(split.classes))
     freeze_backbone(model)  # phase 1, the head alone: before DDP wraps the model, as DDP syncs what trains now
     training = prepare_training(cfg, accelerator, model, loaders, split)
     set_seed(cfg.train.seed, device_specific=True)  # own augmentation and dropout streams per rank
