@@ -8,11 +8,13 @@ import pytest
 import timm
 import torch
 from huggingface_hub import constants
+from PIL import Image
 from safetensors.torch import save_file
 
 from anemia_dist import backbones
 from anemia_dist.config import ModelConfig, load_config
 from anemia_dist.errors import ConfigError, WeightsError
+from anemia_dist.inference import model_inputs
 from anemia_dist.model import (
     backbone_stages,
     build_model,
@@ -24,6 +26,8 @@ from anemia_dist.model import (
     trainable_stages,
     unfreeze,
 )
+from anemia_dist.sources import Sample
+from anemia_dist.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 STAGES = {
     "timm:resnet10t": ["stem", "layer1", "layer2", "layer3", "layer4"],
@@ -163,3 +167,17 @@ def test_fetch_weights_offline_fails_with_a_copy_instruction(tmp_path, monkeypat
     with pytest.raises(WeightsError) as error:
         backbones.fetch_timm_weights("timm:resnet10t")
     assert "Network is unreachable" in str(error.value) and "models--timm--resnet10t.c3_in1k" in str(error.value)
+
+
+def test_predict_normalises_with_the_checkpoints_saved_normalisation(tmp_path):
+    """A ViT pretrained with mean/std 0.5 is fed (x - 0.5) / 0.5 at inference, not ImageNet's constants."""
+    path = tmp_path / "grey.png"
+    Image.new("RGB", (32, 32), (255, 255, 255)).save(path)
+    meta = {"image_size": 32, "alpha_background": [0, 0, 0]}
+    samples = [Sample(str(path), 0, str(path))]
+    vit = {**meta, "normalization": {"mean": [0.5] * 3, "std": [0.5] * 3}}
+    inputs = model_inputs(samples, vit)
+    assert torch.allclose(inputs.batch_transform(inputs[0][0][None]), torch.ones(1, 3, 32, 32))
+    old = model_inputs(samples, meta)  # checkpoints from before meta.json held it: ImageNet's
+    white = old.batch_transform(old[0][0][None])[0, :, 0, 0]
+    assert torch.allclose(white, (1 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD))
