@@ -293,6 +293,12 @@ class TrainConfig:
     channels_last: bool = True
     """Channels-last (NHWC) convolution weights, and (data.pipeline=gpu) batches: the layout
     cuDNN's tensor cores and oneDNN run fastest. Checkpoints are saved contiguous either way."""
+    sampler: Literal["shuffle", "balanced"] = "shuffle"
+    """``shuffle``: every training image once per epoch, in a new order; ``balanced``: as many
+    draws, with replacement, each class equally likely (:mod:`anemia_dist.sampling`)."""
+    class_weights: Literal["balanced", "none"] = "balanced"
+    """``balanced``: the loss weighs each class by n / (k * count), sklearn's 'balanced'; ``none``:
+    unweighted (usual with ``sampler=balanced``, which balances the classes already)."""
     compile: bool = False
     """``torch.compile`` the model (in place: same state-dict keys; recompiles once after the
     unfreeze). Pays on long GPU runs; the first steps wait for compilation."""
@@ -300,6 +306,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
         _check(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
+        if self.sampler == "balanced" and self.class_weights == "balanced":
+            warnings.warn(
+                "train.sampler=balanced with train.class_weights=balanced corrects the class imbalance twice "
+                "(the rare class is drawn more often and weighs more); usually train.class_weights=none",
+                stacklevel=2,
+            )
 
 
 @dataclass

@@ -37,6 +37,7 @@ from .config import Config, DataConfig
 from .errors import DataError
 from .images import load_rgb, working_size
 from .model import preprocessing
+from .sampling import BalancedSampler
 from .sources import Sample
 from .splits import SplitData
 from .transforms import eval_transform, train_transform
@@ -259,8 +260,15 @@ def make_loaders(cfg: Config, split: SplitData, pin_memory: bool) -> tuple[DataL
         val = ImageDataset(split.val, eval_transform(cfg.data.image_size, *normalization), background)
     # Own generators: creating a loader iterator otherwise draws from the global RNG, which the
     # checkpoints restore, and a mid-epoch resume (a fresh iterator) would start one draw off.
+    order = BalancedSampler([s.label for s in split.train], cfg.train.seed) if cfg.train.sampler == "balanced" else None
     return (
-        DataLoader(train, shuffle=True, generator=torch.Generator().manual_seed(cfg.train.seed), **common),
+        DataLoader(
+            train,
+            shuffle=order is None,
+            sampler=order,
+            generator=torch.Generator().manual_seed(cfg.train.seed),
+            **common,
+        ),
         DataLoader(val, shuffle=False, generator=torch.Generator().manual_seed(cfg.train.seed), **common),
     )
 

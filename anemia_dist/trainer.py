@@ -235,7 +235,7 @@ def prepare_training(
     split: SplitData,
 ) -> Training:
     """Class weights from the training split, optimiser, plateau scheduler; Accelerate wraps them all."""
-    class_weights = balanced_class_weights(split.train, len(split.classes)).to(accelerator.device)
+    class_weights = loss_class_weights(cfg.train, split).to(accelerator.device)
     apply_speed_settings(model, cfg.train)
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -243,6 +243,13 @@ def prepare_training(
     )
     model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(model, optimizer, *loaders, scheduler)
     return Training(model, optimizer, scheduler, train_loader, val_loader, class_weights)
+
+
+def loss_class_weights(cfg: TrainConfig, split: SplitData) -> torch.Tensor:
+    """``train.class_weights``: sklearn's 'balanced' weights from the training split, or all ones."""
+    if cfg.class_weights == "none":
+        return torch.ones(len(split.classes))
+    return balanced_class_weights(split.train, len(split.classes))
 
 
 def log_start(accelerator: Accelerator, cfg: Config, split: SplitData, run: RunDirectory) -> None:
