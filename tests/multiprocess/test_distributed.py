@@ -125,10 +125,12 @@ def test_spy_detects_layer4_drift_without_rewrapping_ddp(tmp_path):
 
 
 def test_a_timm_backbone_unfreezes_its_last_stage_in_step_on_two_ranks(tmp_path):
-    """ConvNeXt's last stage (and its final norm) is all-reduced after the unfreeze, as ResNet's layer4."""
-    data = make_image_folder(tmp_path / "data", {"anemic": 8, "non-anemic": 8})
+    """ConvNeXt's last stage (and its final norm) is all-reduced after the unfreeze, as ResNet's layer4;
+    with class-balanced sampling instead of class weights (one run for both: each launch costs)."""
+    data = make_image_folder(tmp_path / "data", {"anemic": 6, "non-anemic": 14})
     arch = ("model.arch=timm:convnext_atto", "train.epochs=3", "early_stopping.patience=5")
-    rank0, rank1 = spy_run(tmp_path, data, overrides=arch)
+    sampling = ("train.sampler=balanced", "train.class_weights=none")
+    rank0, rank1 = spy_run(tmp_path, data, overrides=arch + sampling)
     hashes = [e["last_stage"] for e in rank0["epochs"]]
     assert hashes == [e["last_stage"] for e in rank1["epochs"]]
     assert len(set(hashes)) == 3, "frozen in epoch 1, trained in epochs 2 and 3"
