@@ -236,6 +236,11 @@ class AuditReport:
             name = f"{'E' if scope == 'exact' else 'N'}{index + 1}"
             labels = ", ".join(f"{label} x{count}" for label, count in Counter(self.labels[i] for i in group).items())
             rows += [self._row("conflicting_labels", i, name, f"{scope} duplicates labelled {labels}") for i in group]
+        for scope, index in self.measure_conflicts():
+            group = self.group(scope, index)
+            name = f"{'E' if scope == 'exact' else 'N'}{index + 1}"
+            values = ", ".join(sorted({self.measures[i] for i in group}))
+            rows += [self._row("conflicting_measures", i, name, f"{scope} duplicates measured {values}") for i in group]
         return rows
 
     def near_rule(self) -> str:

@@ -220,8 +220,14 @@ def test_copies_with_different_measurements_are_listed_with_every_member(tmp_pat
     manifest = tmp_path / "m.csv"
     manifest.write_text("path,hb\na/img_000.png,10.2\na/copy.png,12.5\na/img_001.png,9.0\na/img_002.png,13.0\n")
     cfg = DataConfig(manifest=str(manifest), measure_column="hb", threshold=11.0)
-    summary = audit_data(cfg)[2].summary()
+    report = audit_data(cfg)[2]
+    summary = report.summary()
     (conflict,) = summary["conflicting_measure_groups"]
+    rows = [
+        (r["kind"], Path(r["path"]).name, r["detail"]) for r in report.rows() if r["kind"] == "conflicting_measures"
+    ]
+    detail = "exact duplicates measured 10.2, 12.5"
+    assert sorted(rows) == [("conflicting_measures", name, detail) for name in ("copy.png", "img_000.png")]
     assert {(Path(m["path"]).name, m["label"], m["measure"]) for m in conflict["members"]} == {
         ("img_000.png", cfg.below_label, "10.2"),
         ("copy.png", cfg.above_label, "12.5"),
