@@ -314,6 +314,7 @@ class AuditReport:
             "reviewed_copy_pairs": self.reviewed_copies,
             "copy_groups": self.copy_counts()[0],
             "distinct_pictures": self.copy_counts()[1],
+            "largest_copy_group": max(map(len, self.exact_groups + self.near_groups), default=0),
             "conflicting_label_groups": self.conflict_listing(),
             "conflicting_measure_groups": self.conflict_listing(self.measure_conflicts()),
             **self.colour_and_cameras(),
@@ -331,7 +332,8 @@ class AuditReport:
             f"  exact duplicates: {s['exact_duplicate_groups']} groups, {s['exact_duplicate_files']} files",
             f"  near duplicates ({self.near_rule()}): {s['near_duplicate_groups']} groups, "
             f"{s['near_duplicate_files']} files",
-            f"  copy groups (exact and near merged): {s['copy_groups']}; distinct pictures: {s['distinct_pictures']}",
+            f"  copy groups (exact and near merged): {s['copy_groups']}, the largest {s['largest_copy_group']} files; "
+            f"distinct pictures: {s['distinct_pictures']}",
             f"  duplicate groups with conflicting labels: {len(self.conflicts)}"
             + (f"; with different measurements: {len(s['conflicting_measure_groups'])}" if self.measures else ""),
         ]
