@@ -10,7 +10,7 @@ import pytest
 from helpers import TINY, check, launch, make_image_folder, script
 
 from anemia_dist.config import load_config
-from anemia_dist.datasets import cached_datasets
+from anemia_dist.datasets import make_loaders
 from anemia_dist.run_dir import SUMMARY
 from anemia_dist.splits import build_split_on_main
 
@@ -55,5 +55,5 @@ def test_two_ranks_on_a_node_share_one_decode_and_the_same_pixels(tmp_path):
         assert rank["left"] == []
     # the same pixels as one process decoding for itself
     cfg = load_config(None, overrides)
-    train, _ = cached_datasets(cfg.data, build_split_on_main(cfg.data, cfg.train.seed, True), channels_last=True)
-    assert hashlib.sha256(train.images.numpy().tobytes()).hexdigest() == ranks[0]["train"]
+    train, _ = make_loaders(cfg, build_split_on_main(cfg.data, cfg.train.seed, True), pin_memory=False)
+    assert hashlib.sha256(train.dataset.images.numpy().tobytes()).hexdigest() == ranks[0]["train"]

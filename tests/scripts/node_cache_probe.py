@@ -29,7 +29,7 @@ def main() -> None:
     real_decode = datasets.decode
     datasets.decode = lambda path, *args: decoded.append(path) or real_decode(path, *args)
     split = build_split_on_main(cfg.data, cfg.train.seed, state.is_main_process)
-    train, val = datasets.cached_datasets(cfg.data, split, channels_last=True)
+    train, val = (loader.dataset for loader in datasets.make_loaders(cfg, split, pin_memory=False))
     state.wait_for_everyone()
     report = {
         "decoded": len(decoded),
