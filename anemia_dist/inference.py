@@ -20,20 +20,21 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
+from accelerate.utils import broadcast_object_list
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .batch_augment import EvalResize
-from .config import Config, ModelConfig, load_config, parse_override
+from .config import Config, DataConfig, ModelConfig, load_config, parse_override
 from .datasets import CachedImages, DecodedOnAccess
 from .errors import ConfigError, DataError
-from .images import IMAGE_EXTENSIONS
 from .metrics import OperatingPoint, apply_temperature, negative_name, summarize
 from .model import build_model
+from .quality import REJECTED, list_inputs, screen
 from .report import write_report
 from .run_dir import META, PREDICTIONS, WEIGHTS, read_metrics
-from .sources import Sample, find_image_files, load_source
+from .sources import Sample, load_source
 from .validation import validate
 
 logger = get_logger(__name__)
@@ -107,12 +108,14 @@ def evaluate(
     out: str | Path | None = None,
     report_dir: str | Path | None = None,
     split: str | None = None,
+    quality_gate: bool = True,
 ) -> dict[str, Any] | None:
     """Metrics with intervals at the saved operating point; the record on the main process, else None.
 
     Runs on 1..N processes: :func:`~anemia_dist.validation.validate` gathers every image's probabilities exactly once,
     so the numbers do not depend on the number of processes. ``split`` keeps the manifest rows
-    whose split column holds it (e.g. ``val`` of a run's splits.csv).
+    whose split column holds it (e.g. ``val`` of a run's splits.csv). Files the quality gate
+    rejects (:mod:`anemia_dist.quality`) are listed in predictions.csv and the record, not scored.
     """
     cfg = evaluation_config(data, overrides)
     accelerator = Accelerator()
@@ -128,6 +131,9 @@ def evaluate(
         raise DataError(
             f"{data}: {len(missing)} listed image(s) do not exist:\n  {listed}\nFix the paths or remove the rows."
         )
+    rejected: list[tuple[Sample, str]] = []
+    if quality_gate:
+        samples, rejected = gate_samples(samples, meta, cfg, accelerator)
     loader = DataLoader(
         model_inputs(samples, meta, cfg.data.cache_dir),
         batch_size=batch_size,
@@ -149,8 +155,10 @@ def evaluate(
         record = {"checkpoint": str(checkpoint_dir), "data": str(data), **evaluation.result}
         report = Path(report_dir) if report_dir else default_report_dir(out)
         report.mkdir(parents=True, exist_ok=True)
-        write_sample_predictions(report / PREDICTIONS, samples, classes, evaluation.pred.score, point)
+        write_sample_predictions(report / PREDICTIONS, samples, classes, evaluation.pred.score, point, rejected)
+        record["rejected"] = [{"path": s.path, "reason": reason} for s, reason in rejected]
         notes = [
+            *rejection_notes(rejected),
             f"Data: {data}. Model: {checkpoint_dir} (epoch {meta.get('epoch')}).",
             f"The threshold {point.threshold:.4f} ({point.threshold_rule}) and the temperature {point.temperature:.3f} "
             f"were fixed on the validation split during training, not tuned on this data.",
@@ -165,41 +173,61 @@ def evaluate(
     return record
 
 
+def gate_samples(
+    samples: Sequence[Sample], meta: dict[str, Any], cfg: Config, accelerator: Accelerator
+) -> tuple[list[Sample], list[tuple[Sample, str]]]:
+    """The samples the quality gate accepts, and the rejected ones with the reason (an unreadable
+    file's error included). Measured on the main process; every rank gets its decision."""
+    verdicts: list[Any] = [None]
+    if accelerator.is_main_process:
+        verdicts = [screen([s.path for s in samples], meta, cfg.data.min_size, cfg.data.num_workers)]
+    verdicts = broadcast_object_list(verdicts)[0]
+    accepted = [s for s, v in zip(samples, verdicts, strict=True) if v.accepted]
+    rejected = [
+        (s, v.reason or f"cannot be read: {v.error}") for s, v in zip(samples, verdicts, strict=True) if not v.accepted
+    ]
+    if not accepted:
+        raise DataError(
+            f"every one of the {len(samples)} images was rejected by the quality gate, e.g. "
+            f"{rejected[0][0].path}: {rejected[0][1]}; see --no-quality-gate"
+        )
+    return accepted, rejected
+
+
+def rejection_notes(rejected: Sequence[tuple[Sample, str]]) -> list[str]:
+    if not rejected:
+        return []
+    return [
+        f"{len(rejected)} file(s) rejected by the quality gate and not scored (listed in {PREDICTIONS} and the "
+        f"record's 'rejected'); the metrics cover the remaining images."
+    ]
+
+
 def default_report_dir(out: str | Path | None) -> Path:
     """``FILE_report/`` next to ``--out FILE``, else ``evaluation_report/`` here."""
     return Path(out).with_name(Path(out).stem + "_report") if out else Path("evaluation_report")
 
 
 def write_sample_predictions(
-    path: Path, samples: Sequence[Sample], classes: Sequence[str], scores: np.ndarray, point: OperatingPoint
+    path: Path,
+    samples: Sequence[Sample],
+    classes: Sequence[str],
+    scores: np.ndarray,
+    point: OperatingPoint,
+    rejected: Sequence[tuple[Sample, str]] = (),
 ) -> None:
     negative = negative_name(classes, point.positive_class)
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["path", "label", "group", "probability", "prediction"])
+        writer.writerow(["path", "label", "group", "probability", "prediction", "reason"])
         for sample, score in zip(samples, scores, strict=True):
             decision = point.positive_class if score >= point.threshold else negative
-            writer.writerow([sample.path, classes[sample.label], sample.group, f"{score:.6f}", decision])
+            writer.writerow([sample.path, classes[sample.label], sample.group, f"{score:.6f}", decision, ""])
+        for sample, reason in rejected:
+            writer.writerow([sample.path, classes[sample.label], sample.group, "", REJECTED, reason])
 
 
 # --------------------------------------------------------------------------- predict
-
-
-def find_images(inputs: Sequence[str | Path]) -> list[Path]:
-    """Files as given, and every image file under each folder (recursively, sorted)."""
-    found, absent = [], []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            found += find_image_files(item)
-        elif item.is_file():
-            found.append(item)
-        else:
-            absent.append(str(item))
-    if absent:
-        raise DataError(f"no such file or folder: {', '.join(absent)}")
-    if not found:
-        raise DataError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {', '.join(map(str, inputs))}")
-    return found
 
 
 class ReadOrReport(Dataset):
@@ -221,15 +249,53 @@ class ReadOrReport(Dataset):
 
 @torch.no_grad()
 def predict(
-    checkpoint_dir: str | Path, inputs: Sequence[str | Path], batch_size: int = 64, num_workers: int = 4
+    checkpoint_dir: str | Path,
+    inputs: Sequence[str | Path],
+    batch_size: int = 64,
+    num_workers: int = 4,
+    quality_gate: bool = True,
 ) -> list[dict[str, Any]]:
-    """One row per file: P(positive class) and the decision at the saved threshold, or the read error."""
+    """One row per file given or found: P(positive class) and the decision at the saved threshold;
+    or ``rejected`` with the quality gate's reason (:mod:`anemia_dist.quality`); or the read error."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError(
             "predict runs in one process (on the GPU when there is one); start it without accelerate launch"
         )
     model, meta, point = load_model(checkpoint_dir)
-    paths = find_images(inputs)
+    listed = list_inputs(inputs)
+    if not listed:
+        raise DataError(f"no files in {', '.join(map(str, inputs))}")
+    rows = [{"path": str(p), "probability": "", "prediction": "", "reason": "", "error": e} for p, e in listed]
+    todo = [i for i, (_, error) in enumerate(listed) if not error]
+    if quality_gate:
+        verdicts = screen([listed[i][0] for i in todo], meta, DataConfig().min_size, num_workers)
+        for index, verdict in zip(todo, verdicts, strict=True):
+            rows[index].update(error=verdict.error, reason=verdict.reason)
+            if verdict.reason:
+                rows[index]["prediction"] = REJECTED
+        todo = [i for i, verdict in zip(todo, verdicts, strict=True) if verdict.accepted]
+    scores = score_files(model, meta, point, [listed[i][0] for i in todo], batch_size, num_workers)
+    negative = negative_name(meta["classes"], point.positive_class)
+    for index, (score, error) in zip(todo, scores, strict=True):
+        if error:
+            rows[index]["error"] = error
+        else:
+            decision = point.positive_class if score >= point.threshold else negative
+            rows[index].update(probability=f"{score:.6f}", prediction=decision)
+    return rows
+
+
+def score_files(
+    model: torch.nn.Module,
+    meta: dict[str, Any],
+    point: OperatingPoint,
+    paths: Sequence[Path],
+    batch_size: int,
+    num_workers: int,
+) -> list[tuple[float, str]]:
+    """(P(positive class), read error) per file, on the GPU when there is one."""
+    if not paths:
+        return []
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     images = model_inputs([Sample(str(p), 0, str(p)) for p in paths], meta)
@@ -240,24 +306,16 @@ def predict(
         pin_memory=device.type == "cuda",
     )
     positive = meta["classes"].index(point.positive_class)
-    negative = negative_name(meta["classes"], point.positive_class)
     scores, errors = [], []
     for batch, batch_errors in tqdm(loader, desc="predict", file=sys.stderr):
         inputs = images.batch_transform(batch.to(device, non_blocking=True))
         probs = model(inputs).float().softmax(dim=1).double().cpu().numpy()
         scores.append(apply_temperature(probs, point.temperature)[:, positive])
         errors += batch_errors
-    rows = []
-    for path, score, error in zip(paths, np.concatenate(scores), errors, strict=True):
-        if error:
-            rows.append({"path": str(path), "probability": "", "prediction": "", "error": error})
-        else:
-            decision = point.positive_class if score >= point.threshold else negative
-            rows.append({"path": str(path), "probability": f"{score:.6f}", "prediction": decision, "error": ""})
-    return rows
+    return list(zip(np.concatenate(scores).tolist(), errors, strict=True))
 
 
 def write_predictions(rows: Sequence[dict[str, Any]], handle: TextIO) -> None:
-    writer = csv.DictWriter(handle, fieldnames=["path", "probability", "prediction", "error"])
+    writer = csv.DictWriter(handle, fieldnames=["path", "probability", "prediction", "reason", "error"])
     writer.writeheader()
     writer.writerows(rows)

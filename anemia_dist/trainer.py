@@ -38,6 +38,7 @@ from .metrics import OperatingPoint, positive_index, require_both_classes, scree
 from .model import build_model, freeze_backbone, optimizer_param_groups, set_train_mode, trainable_stages, unfreeze
 from .preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionWatcher
 from .progress import Totals, TrainingProgress, batch_totals
+from .quality import QUALITY, training_ranges
 from .report import write_validation_report
 from .run_dir import (
     AUDIT_CSV,
@@ -99,6 +100,12 @@ def train(cfg: Config) -> dict[str, Any]:
     split = audited_split(cfg, accelerator)
     run = RunDirectory(resolve_run_dir(cfg), writes=accelerator.is_main_process)
     checkpointer = Checkpointer(accelerator, run.path, cfg, split.classes)
+    if accelerator.is_main_process:  # the quality gate's ranges, saved in best/meta.json
+        data = cfg.data
+        train_paths = [s.path for s in split.train]
+        checkpointer.model_meta[QUALITY] = training_ranges(
+            train_paths, data.alpha_background, data.min_size, data.num_workers
+        )
     resume_from = checkpointer.resume_point()  # a bad run.resume stops before any file is written
     write_run_start(cfg, run, split)
     loaders = make_loaders(cfg, split, pin_memory=accelerator.device.type == "cuda")
