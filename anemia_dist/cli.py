@@ -108,7 +108,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from .inference import predict, write_predictions
 
-    rows = predict(args.checkpoint, args.inputs, args.batch_size, args.num_workers, args.quality_gate)
+    rows = predict(args.checkpoint, args.inputs, args.batch_size, args.num_workers, args.quality_gate, args.explain)
     if args.out:
         with open(args.out, "w", newline="") as handle:
             write_predictions(rows, handle)
@@ -291,6 +291,11 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
     predict.add_argument("--batch-size", type=int, default=64)
     predict.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1))
     add_quality_gate_flag(predict)
+    predict.add_argument(
+        "--explain",
+        metavar="DIR",
+        help="also write a Grad-CAM overlay (PNG, the photo's own size) per scored photo into DIR",
+    )
     predict.set_defaults(func=cmd_predict)
 
 

@@ -29,6 +29,7 @@ from .batch_augment import EvalResize
 from .config import Config, DataConfig, ModelConfig, load_config, parse_override
 from .datasets import CachedImages, DecodedOnAccess
 from .errors import ConfigError, DataError
+from .explain import explain_files, overlay_names
 from .metrics import OperatingPoint, apply_temperature, negative_name, summarize
 from .model import build_model
 from .quality import REJECTED, list_inputs, screen
@@ -254,9 +255,12 @@ def predict(
     batch_size: int = 64,
     num_workers: int = 4,
     quality_gate: bool = True,
+    explain_dir: str | Path | None = None,
 ) -> list[dict[str, Any]]:
     """One row per file given or found: P(positive class) and the decision at the saved threshold;
-    or ``rejected`` with the quality gate's reason (:mod:`anemia_dist.quality`); or the read error."""
+    or ``rejected`` with the quality gate's reason (:mod:`anemia_dist.quality`); or the read error.
+    ``explain_dir``: a Grad-CAM overlay per scored photo (:mod:`anemia_dist.explain`), named in the
+    row's ``heatmap``."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError(
             "predict runs in one process (on the GPU when there is one); start it without accelerate launch"
@@ -282,7 +286,44 @@ def predict(
         else:
             decision = point.positive_class if score >= point.threshold else negative
             rows[index].update(probability=f"{score:.6f}", prediction=decision)
+    if explain_dir is not None:
+        scored = [rows[i] for i in todo if rows[i]["probability"]]
+        names = overlay_names([row["path"] for row in scored])
+        targets = [Path(explain_dir) / name for name in names]
+        write_overlays(
+            model, meta, point, [(row["path"], float(row["probability"])) for row in scored], targets, batch_size
+        )
+        for row, target in zip(scored, targets, strict=True):
+            row["heatmap"] = str(target)
     return rows
+
+
+def write_overlays(
+    model: torch.nn.Module,
+    meta: dict[str, Any],
+    point: OperatingPoint,
+    scored: Sequence[tuple[str, float]],
+    targets: Sequence[Path],
+    batch_size: int,
+    max_side: int | None = None,
+) -> None:
+    """The Grad-CAM overlay of each (path, P(positive)) to its target, ``batch_size`` photos at a time."""
+    model.eval()
+    images = model_inputs([Sample(path, 0, path) for path, _ in scored], meta)
+    device = next(model.parameters()).device
+    for start in range(0, len(scored), batch_size):
+        part = range(start, min(start + batch_size, len(scored)))
+        batch = torch.stack([images[i][0] for i in part]).to(device)
+        explain_files(
+            model,
+            meta,
+            point,
+            images.batch_transform(batch),
+            [scored[i][1] for i in part],
+            [scored[i][0] for i in part],
+            [targets[i] for i in part],
+            max_side,
+        )
 
 
 def score_files(
@@ -316,6 +357,9 @@ def score_files(
 
 
 def write_predictions(rows: Sequence[dict[str, Any]], handle: TextIO) -> None:
-    writer = csv.DictWriter(handle, fieldnames=["path", "probability", "prediction", "reason", "error"])
+    fields = ["path", "probability", "prediction", "reason", "error"]
+    if any("heatmap" in row for row in rows):
+        fields.append("heatmap")
+    writer = csv.DictWriter(handle, fieldnames=fields, restval="")
     writer.writeheader()
     writer.writerows(rows)
