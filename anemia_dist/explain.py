@@ -119,6 +119,18 @@ def explain_files(
         picture.save(target, format="PNG")
 
 
+def confident_errors(truth: np.ndarray, score: np.ndarray, threshold: float, limit: int) -> tuple[list[int], list[int]]:
+    """Indices of the most confident false negatives (positive images with the lowest P(positive))
+    and false positives (negative images with the highest), up to ``limit`` each, most confident first."""
+    truth, score = np.asarray(truth, dtype=bool), np.asarray(score, dtype=np.float64)
+    called = score >= threshold
+    misses = np.flatnonzero(truth & ~called)
+    alarms = np.flatnonzero(~truth & called)
+    misses = misses[np.argsort(score[misses], kind="stable")]
+    alarms = alarms[np.argsort(-score[alarms], kind="stable")]
+    return misses[:limit].tolist(), alarms[:limit].tolist()
+
+
 def overlay_names(paths: Sequence[str | Path]) -> list[str]:
     """``<stem>.png`` per photo, ``<stem>-2.png`` … where stems repeat (photos from several folders)."""
     used: set[str] = set()

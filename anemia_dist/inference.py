@@ -11,6 +11,7 @@ import csv
 import dataclasses
 import json
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,11 +30,11 @@ from .batch_augment import EvalResize
 from .config import Config, DataConfig, ModelConfig, load_config, parse_override
 from .datasets import CachedImages, DecodedOnAccess
 from .errors import ConfigError, DataError
-from .explain import explain_files, overlay_names
-from .metrics import OperatingPoint, apply_temperature, negative_name, summarize
+from .explain import confident_errors, explain_files, overlay_names
+from .metrics import OperatingPoint, Predictions, apply_temperature, negative_name, summarize
 from .model import build_model
 from .quality import REJECTED, list_inputs, screen
-from .report import write_report
+from .report import Explainer, Gallery, write_report
 from .run_dir import META, PREDICTIONS, WEIGHTS, read_metrics
 from .sources import Sample, load_source
 from .validation import validate
@@ -165,7 +166,9 @@ def evaluate(
             f"were fixed on the validation split during training, not tuned on this data.",
         ]
         rows = read_metrics(Path(checkpoint_dir).resolve().parent)
-        page = write_report(report, f"Evaluation on {Path(data).name}", evaluation, notes, rows)
+        paths = [s.path for s in samples]
+        explain = error_explainer(checkpoint_dir, paths, report, accelerator.device, cfg.data.cache_dir)
+        page = write_report(report, f"Evaluation on {Path(data).name}", evaluation, notes, rows, explain)
         record["report"] = str(page)
         if out is not None:
             Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -298,6 +301,60 @@ def predict(
     return rows
 
 
+MOST_CONFIDENT = 8
+"""How many false negatives and false positives a report shows."""
+ERRORS_FOLDER = "errors"
+REPORT_SIDE = 384
+"""Longest side of a report's overlays (the page embeds them)."""
+
+
+def error_explainer(
+    checkpoint_dir: str | Path,
+    paths: Sequence[str],
+    directory: Path,
+    device: torch.device | None = None,
+    cache_dir: str | None = None,
+) -> Explainer:
+    """A report's galleries: the most confident false negatives and false positives among ``paths``
+    (in the order of the report's predictions), each with its Grad-CAM overlay in ``directory/errors``.
+    The model's inputs are read from ``cache_dir`` where it holds them."""
+
+    def explain(pred: Predictions) -> list[Gallery]:
+        model, meta, point = load_model(checkpoint_dir)
+        model.to(device or "cpu")
+        shutil.rmtree(directory / ERRORS_FOLDER, ignore_errors=True)  # no overlays of an earlier report
+        classes, positive = meta["classes"], point.positive_class
+        misses, alarms = confident_errors(pred.truth, pred.score, point.threshold, MOST_CONFIDENT)
+        kinds = [
+            (
+                "fn",
+                misses,
+                f"Most confident false negatives: {positive} images the model called "
+                f"{negative_name(classes, positive)}, lowest P({positive}) first",
+            ),
+            (
+                "fp",
+                alarms,
+                f"Most confident false positives: images called {positive} that are not, highest P({positive}) first",
+            ),
+        ]
+        galleries = []
+        for prefix, indices, title in kinds:
+            names = [f"{ERRORS_FOLDER}/{prefix}-{rank + 1:02d}.png" for rank in range(len(indices))]
+            scored = [(paths[i], float(pred.score[i])) for i in indices]
+            targets = [directory / name for name in names]
+            write_overlays(model, meta, point, scored, targets, MOST_CONFIDENT, REPORT_SIDE, cache_dir)
+            captions = [f"{Path(path).name}: P({positive}) = {score:.3f}" for path, score in scored]
+            note = (
+                f"Up to {MOST_CONFIDENT}, with Grad-CAM heat-maps (red: where the evidence for the model's "
+                f"decision lay); no EXIF is copied from the photos."
+            )
+            galleries.append(Gallery(title, note, list(zip(names, captions, strict=True))))
+        return galleries
+
+    return explain
+
+
 def write_overlays(
     model: torch.nn.Module,
     meta: dict[str, Any],
@@ -306,10 +363,13 @@ def write_overlays(
     targets: Sequence[Path],
     batch_size: int,
     max_side: int | None = None,
+    cache_dir: str | None = None,
 ) -> None:
     """The Grad-CAM overlay of each (path, P(positive)) to its target, ``batch_size`` photos at a time."""
+    if not scored:
+        return
     model.eval()
-    images = model_inputs([Sample(path, 0, path) for path, _ in scored], meta)
+    images = model_inputs([Sample(path, 0, path) for path, _ in scored], meta, cache_dir)
     device = next(model.parameters()).device
     for start in range(0, len(scored), batch_size):
         part = range(start, min(start + batch_size, len(scored)))

@@ -34,6 +34,7 @@ from .distributed import broadcast_from_main, rewrap_after_unfreeze
 from .early_stopping import EarlyStopping
 from .errors import ConfigError
 from .figures import plot_curves
+from .inference import error_explainer
 from .metrics import OperatingPoint, positive_index, require_both_classes, screening_metrics
 from .model import build_model, freeze_backbone, optimizer_param_groups, set_train_mode, trainable_stages, unfreeze
 from .preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionWatcher
@@ -406,8 +407,20 @@ def finish_run(
     elif accelerator.is_main_process:
         groups = [s.unit or s.group for s in split.val]  # patients, merged with their duplicate images
         labels, probs, bootstrap = best.val.labels, best.val.probs, cfg.eval.bootstrap
+        # the most confident errors with their heat-maps, drawn by the saved best model
+        paths, directory = [s.path for s in split.val], run.path / REPORT
+        explain = error_explainer(run.path / BEST, paths, directory, accelerator.device, cfg.data.cache_dir)
         write_validation_report(
-            run.path / REPORT, labels, probs, groups, split.classes, best.point, bootstrap, stopper.best_epoch, rows
+            run.path / REPORT,
+            labels,
+            probs,
+            groups,
+            split.classes,
+            best.point,
+            bootstrap,
+            stopper.best_epoch,
+            rows,
+            explain,
         )
     tracking.record_outcome(accelerator, summary, rows)
     accelerator.wait_for_everyone()

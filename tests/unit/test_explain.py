@@ -4,17 +4,20 @@ EXIF, and the maps agree with pytorch-grad-cam's. (Where the maps land on a trai
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
-from helpers import make_best, read_csv, write_image
+from helpers import make_best, make_manifest, read_csv, write_image
 from PIL import Image
 
 from anemia_dist.cli import main
 from anemia_dist.config import ModelConfig
-from anemia_dist.explain import grad_cam, heat_at, overlay_names
+from anemia_dist.explain import confident_errors, grad_cam, heat_at, overlay_names
+from anemia_dist.inference import evaluate
 from anemia_dist.model import build_model
-from anemia_dist.run_dir import BEST
+from anemia_dist.run_dir import BEST, PREDICTIONS, REPORT_PAGE
 
 
 def test_predict_explain_writes_an_overlay_per_scored_photo_at_its_size_without_exif(tmp_path):
@@ -82,3 +85,44 @@ def test_grad_cam_cell_maps_agree_with_pytorch_grad_cam():
     # the library's own steps before its OpenCV resize: ReLU, then min-max per image
     theirs = scale_cam_image(np.maximum(cells, 0))
     assert np.abs(ours.numpy() - theirs).max() < 1e-5
+
+
+def test_confident_errors_are_the_most_confident_misses_and_alarms_first():
+    truth = np.array([1, 1, 1, 0, 0, 0, 1, 0], dtype=bool)
+    score = np.array([0.1, 0.4, 0.9, 0.8, 0.2, 0.95, 0.05, 0.6])
+    assert confident_errors(truth, score, 0.5, 8) == ([6, 0, 1], [5, 3, 7])
+    assert confident_errors(truth, score, 0.5, 2) == ([6, 0], [5, 3])
+    assert confident_errors(truth, score, 0.0, 8) == ([], [5, 3, 7, 4])
+
+
+@pytest.mark.parametrize("threshold, shown", [(0.0, "fp"), (1.0, "fn")])
+def test_evaluation_report_shows_the_most_confident_errors_with_overlays(tmp_path, threshold, shown):
+    """Threshold 0 calls every image positive (all negatives are false positives), 1 none."""
+    best = make_best(tmp_path / BEST, ["anemic", "non-anemic"], threshold=threshold)
+    manifest = make_manifest(tmp_path / "data", {"anemic": 10, "non-anemic": 10})
+    exif = Image.Exif()
+    exif[0x010F] = "PhoneMaker"
+    with Image.open(tmp_path / "data" / "anemic" / "img_000.png") as photo:
+        photo.load()
+    photo.save(tmp_path / "data" / "anemic" / "img_000.png", exif=exif)  # same pixels, now with EXIF
+    for name in ("anemic", "non-anemic"):
+        with Image.open(tmp_path / "data" / name / "img_001.png") as photo:
+            assert photo.size == (24, 24)
+    report = tmp_path / "report"
+    record = evaluate(best, manifest, ["data.num_workers=0", "eval.bootstrap=100"], report_dir=report)
+    predictions = {r["path"]: float(r["probability"]) for r in read_csv(report / PREDICTIONS)}
+    overlays = sorted((report / "errors").glob("*.png"))
+    assert [p.name for p in overlays] == [f"{shown}-{k:02d}.png" for k in range(1, 9)]  # 10 errors, 8 shown
+    for overlay_file in overlays:
+        with Image.open(overlay_file) as image:
+            assert image.size == (24, 24) and not image.getexif() and "exif" not in image.info
+    page = (report / REPORT_PAGE).read_text()
+    assert "Most confident false negatives" in page and "Most confident false positives" in page
+    assert page.count('class="case"') == 8 and "None." in page
+    wrong = "anemic" if shown == "fn" else "non-anemic"
+    expected = sorted(
+        (p for p in predictions if f"/{wrong}/" in p), key=lambda p: predictions[p], reverse=shown == "fp"
+    )[:8]
+    captions = [f"{Path(p).name}: P(anemic) = {predictions[p]:.3f}" for p in expected]
+    positions = [page.index(caption) for caption in captions]
+    assert positions == sorted(positions) and record["n"] == 20
