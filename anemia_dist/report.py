@@ -101,8 +101,8 @@ figure { margin: 0; }
 figure img { max-width: 100%; border: 1px solid #eee; }
 .wide img { max-width: 1180px; }
 figcaption { font-size: 0.9em; color: #555; }
-.case img { max-width: 384px; max-height: 384px; }
-.case figcaption { max-width: 384px; word-break: break-all; }
+.case img { width: 256px; height: auto; max-height: 384px; object-fit: contain; }
+.case figcaption { max-width: 256px; word-break: break-all; }
 """
 
 
