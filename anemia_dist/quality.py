@@ -37,7 +37,8 @@ QUALITY = "quality"
 REJECTED = "rejected"
 """The decision written for a file the gate refuses."""
 MEASURE_SIDE = 128
-UNIFORM_STD = 2.0
+UNIFORM_STD = 1.0
+"""CP-AnemiC's least varied image has 3.7; a blank or single-colour file has 0."""
 OPAQUE_FRACTION = 0.01
 ASPECT_FACTOR = 2.0
 BRIGHTNESS_MARGIN = 32.0
