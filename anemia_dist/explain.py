@@ -89,9 +89,10 @@ def heat_at(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def overlay(photo: Image.Image, cam: np.ndarray) -> Image.Image:
     """The heat-map in colour over the photo, at the photo's size; a new image (no EXIF, no metadata)."""
-    heat = np.clip(heat_at(cam, photo.size), 0.0, 1.0)
-    colours = matplotlib.colormaps[COLOUR_MAP](heat)[..., :3] * 255.0
-    mixed = (1 - HEATMAP_OPACITY) * np.asarray(photo.convert("RGB"), dtype=np.float64) + HEATMAP_OPACITY * colours
+    heat = np.clip(heat_at(cam, photo.size), 0.0, 1.0).astype(np.float32)
+    colours = matplotlib.colormaps[COLOUR_MAP](heat, bytes=True)[..., :3]  # uint8: a 12-megapixel photo stays small
+    mixed = (1 - HEATMAP_OPACITY) * np.asarray(photo.convert("RGB"), dtype=np.float32)
+    mixed += HEATMAP_OPACITY * colours.astype(np.float32)
     return Image.fromarray(mixed.round().clip(0, 255).astype(np.uint8), mode="RGB")
 
 
