@@ -301,6 +301,9 @@ def predict(
     return rows
 
 
+# --------------------------------------------------------------------------- heat-maps
+
+
 MOST_CONFIDENT = 8
 """How many false negatives and false positives a report shows."""
 ERRORS_FOLDER = "errors"

@@ -82,8 +82,11 @@ def test_no_quality_gate_scores_what_the_gate_would_reject(tmp_path):
     Image.new("RGB", (1, 1)).save(tmp_path / "dot.png")
     (gated,) = predict(best, [tmp_path / "dot.png"], num_workers=0)
     assert gated["prediction"] == REJECTED and gated["probability"] == ""
-    (ungated,) = predict(best, [tmp_path / "dot.png"], num_workers=0, quality_gate=False)
-    assert ungated["probability"] != "" and not ungated["reason"]
+    out = tmp_path / "ungated.csv"
+    args = ["predict", "--checkpoint", str(best), str(tmp_path / "dot.png"), "--out", str(out), "--num-workers", "0"]
+    assert main([*args, "--no-quality-gate"]) == 0
+    (ungated,) = read_csv(out)
+    assert ungated["probability"] != "" and not ungated["reason"] and ungated["prediction"] != REJECTED
 
 
 def test_a_missing_input_path_is_a_row_with_its_error(tmp_path):
