@@ -9,6 +9,7 @@ full-page screenshot. Tests skip where Debian's ``chromium`` is not installed (C
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import os
 import select
@@ -58,8 +59,9 @@ class DevTools:
         self._from_browser, from_browser_write = os.pipe()
 
         def descriptors() -> None:  # in the child: the protocol's fds 3 (commands in) and 4 (replies out)
-            os.dup2(to_browser_read, 3)
-            os.dup2(from_browser_write, 4)
+            commands, replies = (fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (to_browser_read, from_browser_write))
+            os.dup2(commands, 3)  # via fds >= 10, so neither lands on the other's source
+            os.dup2(replies, 4)
 
         args = [
             chromium(),
@@ -78,7 +80,7 @@ class DevTools:
             "about:blank",
         ]
         self.process = subprocess.Popen(
-            args, preexec_fn=descriptors, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=False
+            args, preexec_fn=descriptors, pass_fds=(3, 4), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         os.close(to_browser_read)
         os.close(from_browser_write)
