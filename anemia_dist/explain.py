@@ -1,7 +1,8 @@
 """Grad-CAM heat-maps: where in a photo the model found the evidence for its decision, drawn over
 the photo so a clinician can check it (``predict --explain`` and the reports' error galleries).
 
-Grad-CAM (Selvaraju et al., 2017) weights each channel of the last backbone stage (``layer4``)
+Grad-CAM (Selvaraju et al., 2017) weights each channel of the last backbone stage (``layer4`` of
+a ResNet, the final stage of a timm convolutional backbone)
 by the mean gradient of the target score over the map, sums the weighted channels and keeps the
 positive part. The target score is the log-odds of the decision the saved threshold gives: log
 P(positive) / (1 − P(positive)) for an image called positive, its negative otherwise, so the map
@@ -23,15 +24,30 @@ from typing import Any
 import matplotlib
 import numpy as np
 import torch
+import torchvision
 from PIL import Image
 
+from .backbones import TimmClassifier
+from .errors import ConfigError
 from .images import load_rgb
 from .metrics import OperatingPoint
+from .model import backbone_stages
 
-TARGET_STAGE = "layer4"
-"""The last stage of the ResNet backbone: the finest map that has seen the whole picture."""
 HEATMAP_OPACITY = 0.45
 COLOUR_MAP = "jet"
+
+
+def target_stage(model: torch.nn.Module) -> torch.nn.Module:
+    """The backbone's last stage (``layer4`` of a ResNet; timm's final stage, e.g. ``stages.3``):
+    the finest map that has seen the whole picture."""
+    root = model.backbone if isinstance(model, TimmClassifier) else model
+    return root.get_submodule(list(backbone_stages(model))[-1])
+
+
+def cells_centred_on_strides(model: torch.nn.Module) -> bool:
+    """Whether cell i of the last stage is centred on input pixel stride·i (a torchvision ResNet,
+    see :func:`_cell_weights`) rather than stride·(i + ½) (patchifying backbones such as ConvNeXt)."""
+    return isinstance(model, torchvision.models.ResNet)
 
 
 def grad_cam(
@@ -41,7 +57,7 @@ def grad_cam(
 
     ``called_positive`` (bool [N]): the decision at the saved threshold, whose evidence is mapped.
     """
-    stage = getattr(model, TARGET_STAGE)
+    stage = target_stage(model)
     captured: list[torch.Tensor] = []
     handle = stage.register_forward_hook(lambda _module, _inputs, output: captured.append(output))
     try:
@@ -54,13 +70,18 @@ def grad_cam(
     finally:
         handle.remove()
     activations = captured[0].detach().float()
+    if activations.ndim != 4:
+        raise ConfigError(
+            f"Grad-CAM needs a last stage with a spatial map [N, C, H, W]; this backbone's gives "
+            f"{list(activations.shape)} (a transformer's tokens): no heat-maps for it"
+        )
     weights = gradients.float().mean(dim=(2, 3), keepdim=True)
     cam = torch.relu((weights * activations).sum(dim=1))
     cam = cam - cam.flatten(1).amin(dim=1)[:, None, None]  # scaled to 0..1 per image, as pytorch-grad-cam does
     return (cam / (cam.flatten(1).amax(dim=1)[:, None, None] + 1e-7)).cpu()
 
 
-def _cell_weights(pixels: int, cells: int) -> np.ndarray:
+def _cell_weights(pixels: int, cells: int, centre: float) -> np.ndarray:
     """[pixels, cells] linear-interpolation weights along one side of the photo.
 
     The photo is resized to the model's input without keeping its aspect ratio, so the centre of
@@ -68,9 +89,10 @@ def _cell_weights(pixels: int, cells: int) -> np.ndarray:
     centred on input pixel stride·i, not stride·(i + ½): its stride-2 convolutions (kernel 3 or 7,
     padding 1 or 3) centre output i on input 2i. Placing the cells half a cell off, as a plain
     image resize does, shifts the whole map by half a cell (16 pixels at 224 px) towards the
-    bottom right (up to a sub-pixel term, half an input pixel).
+    bottom right (up to a sub-pixel term, half an input pixel). ``centre``: where in its cell a
+    cell's centre lies (0 for a ResNet, ½ for a backbone whose cells tile the input).
     """
-    cell = np.clip((np.arange(pixels) + 0.5) * cells / pixels, 0, cells - 1)  # pixel centres, in cells
+    cell = np.clip((np.arange(pixels) + 0.5) * cells / pixels - centre, 0, cells - 1)  # pixel centres, in cells
     low = np.floor(cell).astype(int)
     high = np.minimum(low + 1, cells - 1)
     fraction = cell - low
@@ -80,16 +102,17 @@ def _cell_weights(pixels: int, cells: int) -> np.ndarray:
     return weights
 
 
-def heat_at(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def heat_at(cam: np.ndarray, size: tuple[int, int], centre: float = 0.0) -> np.ndarray:
     """``cam`` [cells_y, cells_x] as a heat-map of ``size`` (width, height) with each cell over the
     part of the photo it is centred on (:func:`_cell_weights`)."""
     width, height = size
-    return _cell_weights(height, cam.shape[0]) @ cam.astype(np.float64) @ _cell_weights(width, cam.shape[1]).T
+    rows, columns = _cell_weights(height, cam.shape[0], centre), _cell_weights(width, cam.shape[1], centre)
+    return rows @ cam.astype(np.float64) @ columns.T
 
 
-def overlay(photo: Image.Image, cam: np.ndarray) -> Image.Image:
+def overlay(photo: Image.Image, cam: np.ndarray, centre: float = 0.0) -> Image.Image:
     """The heat-map in colour over the photo, at the photo's size; a new image (no EXIF, no metadata)."""
-    heat = np.clip(heat_at(cam, photo.size), 0.0, 1.0).astype(np.float32)
+    heat = np.clip(heat_at(cam, photo.size, centre), 0.0, 1.0).astype(np.float32)
     colours = matplotlib.colormaps[COLOUR_MAP](heat, bytes=True)[..., :3]  # uint8: a 12-megapixel photo stays small
     mixed = (1 - HEATMAP_OPACITY) * np.asarray(photo.convert("RGB"), dtype=np.float32)
     mixed += HEATMAP_OPACITY * colours.astype(np.float32)
@@ -112,8 +135,9 @@ def explain_files(
     positive = meta["classes"].index(point.positive_class)
     called = torch.tensor([score >= point.threshold for score in scores])
     cams = grad_cam(model, inputs.to(device), positive, called).numpy()
+    centre = 0.0 if cells_centred_on_strides(model) else 0.5
     for path, target, cam in zip(paths, targets, cams, strict=True):
-        picture = overlay(load_rgb(path, tuple(meta["alpha_background"])), cam)
+        picture = overlay(load_rgb(path, tuple(meta["alpha_background"])), cam, centre)
         if max_side is not None:
             picture.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
         target.parent.mkdir(parents=True, exist_ok=True)

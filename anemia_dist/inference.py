@@ -37,6 +37,7 @@ from .quality import REJECTED, list_inputs, screen
 from .report import Explainer, Gallery, write_report
 from .run_dir import META, PREDICTIONS, WEIGHTS, read_metrics
 from .sources import Sample, load_source
+from .transforms import IMAGENET_MEAN, IMAGENET_STD
 from .validation import validate
 
 logger = get_logger(__name__)
@@ -56,7 +57,7 @@ def load_best(directory: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild the exported model (``RUN/best``) for inference: eval mode, on the CPU."""
     meta = read_meta(directory)
     arch = ModelConfig(arch=meta["arch"], weights="none", hidden=meta["hidden"], dropout=meta["dropout"])
-    model = build_model(arch, len(meta["classes"]))
+    model = build_model(arch, len(meta["classes"]), meta["image_size"])
     model.load_state_dict(load_file(str(Path(directory) / WEIGHTS)))
     return model.eval(), meta
 
@@ -74,7 +75,13 @@ def model_inputs(samples: Sequence[Sample], meta: dict[str, Any], cache_dir: str
     scores it was chosen on."""
     size = meta["image_size"]
     decoded = DecodedOnAccess([s.path for s in samples], size, meta["alpha_background"], cache_dir)
-    return CachedImages(decoded, [s.label for s in samples], EvalResize(size))
+    return CachedImages(decoded, [s.label for s in samples], EvalResize(size, normalization=normalization(meta)))
+
+
+def normalization(meta: dict[str, Any]) -> tuple[list[float], list[float]]:
+    """The (mean, std) training normalised with (ImageNet's in checkpoints from before meta.json held it)."""
+    saved = meta.get("normalization", {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)})
+    return saved["mean"], saved["std"]
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -323,6 +330,12 @@ def error_explainer(
     The model's inputs are read from ``cache_dir`` where it holds them."""
 
     def explain(pred: Predictions) -> list[Gallery]:
+        try:
+            return draw(pred)
+        except ConfigError as error:  # a backbone without a spatial map (a transformer): the report goes on
+            return [Gallery("Most confident errors", f"No heat-maps: {error}.")]
+
+    def draw(pred: Predictions) -> list[Gallery]:
         model, meta, point = load_model(checkpoint_dir)
         model.to(device or "cpu")
         shutil.rmtree(directory / ERRORS_FOLDER, ignore_errors=True)  # no overlays of an earlier report
