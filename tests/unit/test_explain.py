@@ -14,6 +14,7 @@ from PIL import Image
 
 from anemia_dist.cli import main
 from anemia_dist.config import ModelConfig
+from anemia_dist.errors import ConfigError
 from anemia_dist.explain import confident_errors, grad_cam, heat_at, overlay_names
 from anemia_dist.inference import evaluate
 from anemia_dist.model import build_model
@@ -126,3 +127,13 @@ def test_evaluation_report_shows_the_most_confident_errors_with_overlays(tmp_pat
     captions = [f"{Path(p).name}: P(anemic) = {predictions[p]:.3f}" for p in expected]
     positions = [page.index(caption) for caption in captions]
     assert positions == sorted(positions) and record["n"] == 20
+
+
+def test_grad_cam_uses_a_timm_backbones_last_stage_and_refuses_tokens():
+    torch.manual_seed(0)
+    convnet = build_model(ModelConfig(arch="timm:convnext_atto", weights="none", hidden=16, dropout=0.0), 2).eval()
+    cams = grad_cam(convnet, torch.randn(2, 3, 64, 64), 0, torch.tensor([True, False]))
+    assert cams.shape == (2, 2, 2) and float(cams.amax()) == pytest.approx(1.0, abs=1e-5)
+    vit = build_model(ModelConfig(arch="timm:vit_tiny_patch16_224", weights="none", hidden=16, dropout=0.0), 2, 32)
+    with pytest.raises(ConfigError, match="spatial map"):
+        grad_cam(vit.eval(), torch.randn(1, 3, 32, 32), 0, torch.tensor([True]))
