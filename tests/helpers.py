@@ -13,6 +13,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 import yaml
@@ -187,6 +188,23 @@ def make_best(directory: Path, classes: list[str], threshold: float = 0.5, tempe
     point = OperatingPoint(classes[0], threshold, "fixed", temperature)
     Checkpointer(Accelerator(), directory.parent, cfg, classes).save_best(model, 1, 0.7, 0.5, point)
     return directory
+
+
+def assert_same_numbers(a, b, rel: float = 1e-6, where: str = "") -> None:
+    """Nested records equal, floats to ``rel``: the processes' batches differ, and float32 kernels
+    may round a batch of 4 and a batch of 2 differently in the last bits."""
+    if isinstance(a, float) or isinstance(b, float):
+        assert b == pytest.approx(a, rel=rel, abs=rel), f"{where}: {a} != {b}"
+    elif isinstance(a, dict) and isinstance(b, dict):
+        assert a.keys() == b.keys(), f"{where}: keys {sorted(a)} != {sorted(b)}"
+        for key in a:
+            assert_same_numbers(a[key], b[key], rel, f"{where}.{key}")
+    elif isinstance(a, list) and isinstance(b, list):
+        assert len(a) == len(b), f"{where}: {len(a)} != {len(b)} items"
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same_numbers(x, y, rel, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
