@@ -261,6 +261,18 @@ def unfreeze_stages(accelerator: Accelerator, model: torch.nn.Module, cfg: Confi
     return rewrap_after_unfreeze(accelerator, model)
 
 
+def real_samples(step: int, rank: int, world: int, batch_size: int, dataset_size: int) -> int:
+    """How many leading samples of this rank's batch ``step`` are the epoch's own images.
+
+    Accelerate's ``even_batches`` gives every rank the same number of full batches: batch
+    ``step * world + rank`` of the epoch's order goes to ``rank``, and the last round is filled by
+    wrapping to the start of the order. Those wrapped samples (positions past ``dataset_size``)
+    were already trained this epoch; they are the rest of the batch.
+    """
+    first = (step * world + rank) * batch_size
+    return max(0, min(batch_size, dataset_size - first))
+
+
 def training_step(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -268,10 +280,21 @@ def training_step(
     labels: torch.Tensor,
     class_weights: torch.Tensor,
     backward: Callable[[torch.Tensor], None],
+    real: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class-weighted cross-entropy, one optimiser step; returns the logits and the loss."""
+    """Class-weighted cross-entropy Σ w_y·ℓ / Σ w_y over the first ``real`` samples (all when
+    None), one optimiser step; returns the logits and the loss.
+
+    The padded rest still runs through the model (same shapes on every rank and step) but
+    weighs nothing: a rank whose batch is all padding steps with a zero gradient, as DDP needs
+    every rank to take part in each all-reduce.
+    """
     logits = model(images)
-    loss = F.cross_entropy(logits, labels, weight=class_weights)
+    weights = class_weights[labels]
+    if real is not None and real < len(labels):
+        weights = weights * (torch.arange(len(labels), device=labels.device) < real)
+    per_sample = F.cross_entropy(logits.float(), labels, reduction="none")
+    loss = (weights * per_sample).sum() / weights.sum().clamp_min(torch.finfo(weights.dtype).tiny)
     backward(loss)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -293,12 +316,20 @@ def train_one_epoch(
     bar = progress_bar(accelerator, batches, f"epoch {epoch} train", initial=progress.step, total=len(loader))
     transform = device_transform(loader)
     steps, preempted = progress.step, False
-    for step, (images, labels) in enumerate(bar):
+    world, rank, size = accelerator.num_processes, accelerator.process_index, len(loader.dataset)
+    for images, labels in bar:
+        real = real_samples(steps, rank, world, len(labels), size) if world > 1 else len(labels)
         logits, loss = training_step(
-            training.model, training.optimizer, transform(images), labels, training.class_weights, accelerator.backward
+            training.model,
+            training.optimizer,
+            transform(images),
+            labels,
+            training.class_weights,
+            accelerator.backward,
+            real,
         )
-        totals += batch_totals(logits, labels, training.class_weights)
-        if step % 20 == 0:  # .item() waits for the device; every step would stall the pipeline
+        totals += batch_totals(logits[:real], labels[:real], training.class_weights)
+        if steps % 20 == 0:  # .item() waits for the device; every step would stall the pipeline
             bar.set_postfix(loss=f"{loss.item():.4f}")
         steps += 1
         if steps < len(loader) and watcher.step_agreed():
@@ -331,6 +362,7 @@ def metrics_row(
         "unfrozen": trainable_stages(accelerator.unwrap_model(training.model)),
         "world_size": accelerator.num_processes,
         "epoch_seconds": time.perf_counter() - trained.started,
+        "train_images": round(trained.totals.seen),
         "train_images_per_second": trained.totals.seen / trained.seconds,
     }
 

@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, TINY, check, launch, make_image_folder, script
+from helpers import ROOT, TINY, check, launch, make_image_folder, read_csv, script
 
-from anemia_dist.run_dir import CHECKPOINTS, WEIGHTS, read_metrics
+from anemia_dist.run_dir import CHECKPOINTS, SPLITS, WEIGHTS, read_metrics
 
 pytestmark = pytest.mark.multiprocess
 
@@ -122,3 +122,19 @@ def test_spy_detects_layer4_drift_without_rewrapping_ddp(tmp_path):
     rank0, rank1 = spy_run(tmp_path, data, "--no-rewrap")
     assert rank0["epochs"][0]["layer4"] == rank1["epochs"][0]["layer4"]
     assert rank0["epochs"][1]["layer4"] != rank1["epochs"][1]["layer4"]
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_every_training_image_counts_once_per_epoch_on_n_ranks(tmp_path, world):
+    # 15 training images, batch 4: 16, 24 and 16 slots per epoch on 2, 3 and 4 ranks; on 3 ranks
+    # two ranks get a last batch of padding only. The padding trains nothing and counts nowhere.
+    train = make_image_folder(tmp_path / "train", {"anemic": 7, "non-anemic": 8})
+    val = make_image_folder(tmp_path / "val", {"anemic": 3, "non-anemic": 4})
+    runs = tmp_path / "runs"
+    overrides = [*TINY, f"data.root={train}", f"data.val_root={val}", f"run.output_dir={runs}", "run.name=n"]
+    check(launch(["-m", "anemia_dist", "train", *overrides, "train.epochs=2"], num_processes=world))
+    trained = [row for row in read_csv(runs / "n" / SPLITS) if row["split"] == "train"]
+    assert len(trained) == 15
+    rows = read_metrics(runs / "n")
+    assert [row["train_images"] for row in rows] == [15, 15]
+    assert all(row["world_size"] == world for row in rows)
