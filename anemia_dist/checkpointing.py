@@ -141,7 +141,8 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
+        with _scaler_on_main_only(accelerator):
+            accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             info = {
@@ -184,6 +185,20 @@ class Checkpointer:
         with _atomic_directory(self.best_directory) as tmp:
             save_file(state, str(tmp / WEIGHTS))
             (tmp / META).write_text(json.dumps(meta, indent=2))
+
+
+@contextmanager
+def _scaler_on_main_only(accelerator: Accelerator) -> Iterator[None]:
+    """fp16: Accelerate's ``save_state`` has every rank write ``scaler.pt`` into the shared folder
+    (the same state: DDP's all-reduced gradients give every rank's scaler the same inf checks);
+    the other ranks save without it. Each rank still loads it on resume."""
+    scaler = accelerator.scaler
+    if not accelerator.is_main_process:
+        accelerator.scaler = None
+    try:
+        yield
+    finally:
+        accelerator.scaler = scaler
 
 
 @contextmanager

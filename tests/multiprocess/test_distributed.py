@@ -74,7 +74,7 @@ def test_plateau_cuts_lr_after_patience_plus_one_flat_epochs_on_two_ranks_as_on_
     assert rows[2][0]["world_size"] == 2
 
 
-def spy_run(tmp_path: Path, data: Path, *flags: str) -> list[dict]:
+def spy_run(tmp_path: Path, data: Path, *flags: str, extra: tuple[str, ...] = ()) -> list[dict]:
     out = tmp_path / "spy"
     out.mkdir()
     overrides = [
@@ -86,14 +86,17 @@ def spy_run(tmp_path: Path, data: Path, *flags: str) -> list[dict]:
         "optim.lr=1e-2",
         "early_stopping.patience=2",
         "train.epochs=8",
+        *extra,
     ]
     check(launch([script("rank_spy.py"), str(out), *flags, "--", *overrides]))
     return read_ranks(out, 2)
 
 
-def test_two_ranks_agree_on_every_decision_and_only_rank0_writes(tmp_path):
+@pytest.mark.parametrize("precision", ["no", "fp16", "bf16"])
+def test_two_ranks_agree_on_every_decision_and_only_rank0_writes(tmp_path, precision):
     data = make_image_folder(tmp_path / "data", {"anemic": 12, "non-anemic": 16})
-    rank0, rank1 = spy_run(tmp_path, data)
+    shorter = () if precision == "no" else (f"train.mixed_precision={precision}", "train.epochs=3")
+    rank0, rank1 = spy_run(tmp_path, data, extra=shorter)
 
     # layer4 trains from epoch 2 on different data per rank, yet stays bit-identical
     hashes0 = [e["layer4"] for e in rank0["epochs"]]
@@ -113,6 +116,7 @@ def test_two_ranks_agree_on_every_decision_and_only_rank0_writes(tmp_path):
     assert [w for w in rank1["writes"] if not own_rng_state.match(w.split(":", 1)[1])] == []
     last = tmp_path / "runs" / "spy" / CHECKPOINTS / f"epoch-{rank0['summary']['epochs_run']:04d}"
     assert (last / "random_states_1.pkl").is_file() and (last / WEIGHTS).is_file()
+    assert (last / "scaler.pt").is_file() == (precision == "fp16"), "fp16 saves the scaler, once"
     assert any("metrics.jsonl" in w for w in rank0["writes"])
 
 
