@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, DynamoBackend, set_seed
 from torch.utils.data import DataLoader
 
 from . import tracking
@@ -158,7 +158,8 @@ def train(cfg: Config) -> dict[str, Any]:
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
-    return Accelerator(
+    """Accelerate as the loop needs it; a launcher's dynamo backend is refused (see :func:`refuse_dynamo`)."""
+    accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision,
         # The plateau scheduler is stepped once per epoch with the global validation loss; by
         # default Accelerate would step it once per process.
@@ -168,6 +169,22 @@ def make_accelerator(cfg: Config) -> Accelerator:
             use_seedable_sampler=True, data_seed=cfg.train.seed, non_blocking=True
         ),
     )
+    refuse_dynamo(accelerator)
+    return accelerator
+
+
+def refuse_dynamo(accelerator: Accelerator) -> None:
+    """``--dynamo_backend`` (or ``dynamo_config`` in an accelerate config file) makes ``prepare``
+    return a compiled module around the DDP wrapper: unfreezing would then not see the wrapper to
+    rebuild, and the unfrozen layers would drift apart across ranks. ``train.compile`` compiles the
+    model in place, under the wrapper, where the rebuild works."""
+    backend = accelerator.state.dynamo_plugin.backend
+    if backend != DynamoBackend.NO:
+        raise ConfigError(
+            f"accelerate launch --dynamo_backend {backend.value.lower()}: not supported by anemia-dist train "
+            f"(the DDP wrapper must be rebuilt when layers unfreeze); launch with --dynamo_backend no "
+            f"(or drop dynamo_config from the accelerate config file) and set train.compile=true instead"
+        )
 
 
 def audited_split(cfg: Config, accelerator: Accelerator) -> SplitData:

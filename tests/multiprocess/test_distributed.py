@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, TINY, check, launch, make_image_folder, read_csv, script
+from helpers import ROOT, TINY, check, free_port, launch, make_image_folder, read_csv, script
 
+from anemia_dist.cli import launch_command
 from anemia_dist.run_dir import CHECKPOINTS, SPLITS, WEIGHTS, read_metrics
 
 pytestmark = pytest.mark.multiprocess
@@ -142,3 +144,15 @@ def test_every_training_image_counts_once_per_epoch_on_n_ranks(tmp_path, world):
     rows = read_metrics(runs / "n")
     assert [row["train_images"] for row in rows] == [15, 15]
     assert all(row["world_size"] == world for row in rows)
+
+
+def test_a_launcher_dynamo_backend_is_refused_before_training_pointing_to_train_compile(tmp_path, image_folder):
+    # Accelerate would wrap DDP in a compiled module, and the rebuild at unfreezing would miss it.
+    overrides = [*TINY, f"data.root={image_folder}", f"run.output_dir={tmp_path}", "run.name=d"]
+    command = launch_command(2, ["-m", "anemia_dist", "train", *overrides], port=free_port())
+    command[command.index("--dynamo_backend") + 1] = "eager"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "--dynamo_backend eager: not supported" in result.stderr and "train.compile=true" in result.stderr
+    assert not (tmp_path / "d").exists(), "refused before anything was written"
