@@ -24,7 +24,8 @@ from accelerate import Accelerator
 from safetensors.torch import save_file
 
 from .config import Config
-from .errors import CheckpointMismatch, ConfigError
+from .distributed import broadcast_from_main
+from .errors import CheckpointMismatch, ConfigError, UserError
 from .metrics import OperatingPoint
 from .progress import TrainingProgress
 from .run_dir import BEST, CHECKPOINT_INFO, CHECKPOINTS, META, WEIGHTS
@@ -81,23 +82,65 @@ class Checkpointer:
             "dropout": cfg.model.dropout,
         }
         """What inference needs to rebuild the model and feed it as training did."""
+        self.resume_info: dict[str, Any] = {}
+        """The resumed checkpoint's ``checkpoint.json`` as the main process read it."""
 
     # ------------------------------------------------------------------ resume
 
     def resume_point(self) -> Path | None:
-        """``run.resume``: ``auto`` is the newest complete checkpoint (or none); a path is that checkpoint."""
+        """``run.resume``: ``auto`` is the newest complete checkpoint (or none); a path is that checkpoint.
+
+        Decided on the main process, checked there (identity, world size) and sent to every rank
+        with the checkpoint's ``checkpoint.json``: on a shared file system with stale listings,
+        ranks deciding for themselves could load different checkpoints. A refusal is raised on
+        every rank alike.
+        """
+        decision: tuple[Path, dict[str, Any]] | UserError | None = None
+        if self.accelerator.is_main_process:
+            try:
+                decision = self._choose_resume()
+            except UserError as error:
+                decision = error
+        decision = broadcast_from_main(decision)
+        if isinstance(decision, UserError):
+            raise decision
+        if decision is None:
+            return None
+        path, self.resume_info = decision
+        return path
+
+    def _choose_resume(self) -> tuple[Path, dict[str, Any]] | None:
         if self.resume is None:
             return None
         if self.resume == "auto":
             found = complete_checkpoints(self.directory)
-            return found[-1] if found else None
-        path = Path(self.resume)
+            if not found:
+                return None
+            path = found[-1]
+        else:
+            path = Path(self.resume)
         if not (path / CHECKPOINT_INFO).is_file():
             raise ConfigError(
                 f"run.resume: {self.resume!r} is not a complete checkpoint (no {CHECKPOINT_INFO}); "
                 f"use auto or a path under RUN/{CHECKPOINTS}/"
             )
-        return path
+        info = read_info(path)
+        self._check_identity(path, info["identity"])
+        self._check_world_size(path, info)
+        return path, info
+
+    def _check_world_size(self, checkpoint: Path, info: dict[str, Any]) -> None:
+        """A mid-epoch checkpoint continues its epoch with the sharding it was written under:
+        at another world size the rest of the epoch would skip some images and repeat others."""
+        saved, now, progress = info["world_size"], self.accelerator.num_processes, info["progress"]
+        if progress["step"] == 0 or saved == now:
+            return
+        epochs = [p for p in complete_checkpoints(checkpoint.parent) if p.name == f"{PREFIX}{progress['epoch']:04d}"]
+        instead = f"run.resume={epochs[-1]}" if epochs else "a new run.name (no epoch checkpoint is left to resume)"
+        raise CheckpointMismatch(
+            f"{checkpoint}: a mid-epoch checkpoint written by {saved} processes cannot continue its epoch on "
+            f"{now}; resume it with {saved} processes, or resume from the last epoch checkpoint with {instead}"
+        )
 
     def track(self, *objects: Any) -> None:
         """Save and restore these (``state_dict``/``load_state_dict``) with the model and optimizer."""
@@ -107,16 +150,15 @@ class Checkpointer:
         self, checkpoint: Path, model: torch.nn.Module, unfreeze: Callable[[torch.nn.Module], torch.nn.Module]
     ) -> torch.nn.Module:
         """Give the model the shape it had when saved (``unfreeze``: its stages and DDP wrapper),
-        then load every saved and tracked state into it; returns the model to train on."""
-        self._check_identity(checkpoint)
-        if read_info(checkpoint)["progress"]["unfrozen"]:
+        then load every saved and tracked state into it; returns the model to train on.
+        ``checkpoint`` is what :meth:`resume_point` returned, its info the main process's."""
+        if self.resume_info["progress"]["unfrozen"]:
             model = unfreeze(model)
         self.accelerator.load_state(str(checkpoint))
         return model
 
-    def _check_identity(self, checkpoint: Path) -> None:
+    def _check_identity(self, checkpoint: Path, saved: dict[str, Any]) -> None:
         """No silent partial load: the model shape and the class list must be the ones saved."""
-        saved = read_info(checkpoint)["identity"]
         differences = [
             f"{key}: checkpoint has {saved.get(key)!r}, this config has {value!r}"
             for key, value in self.identity.items()

@@ -207,17 +207,23 @@ def resolve_run_dir(cfg: Config) -> Path:
 
 
 def write_run_start(cfg: Config, run: RunDirectory, split: SplitData) -> None:
-    """The resolved config, the split and the audit, before training; an existing run is never overwritten."""
-    if cfg.run.resume is None and run.has_metrics():
-        raise ConfigError(
-            f"run.name: {run.path} already holds a run; continue it with run.resume=auto or choose another run.name"
-        )
+    """The resolved config, the split and the audit, before training."""
+    refuse_existing_run(cfg, run)
     run.write_text(CONFIG, cfg.to_yaml())
     run.write_csv(SPLITS, split_rows(split))
     run.write_csv(AUDIT_CSV, split.audit.rows())
     run.write_json(AUDIT_JSON, split.audit.summary())
     run.write_csv(EXCLUDED, excluded_rows(split))
     logger.info(describe_split(split, run.path / EXCLUDED))
+
+
+def refuse_existing_run(cfg: Config, run: RunDirectory) -> None:
+    """An existing run is never overwritten; the main process looks and every rank follows its
+    answer (listings on a shared file system can be stale)."""
+    if cfg.run.resume is None and broadcast_from_main(run.has_metrics()):
+        raise ConfigError(
+            f"run.name: {run.path} already holds a run; continue it with run.resume=auto or choose another run.name"
+        )
 
 
 def apply_speed_settings(model: torch.nn.Module, cfg: TrainConfig) -> None:

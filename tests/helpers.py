@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import socket
 import subprocess
@@ -24,7 +25,7 @@ from anemia_dist.cli import launch_command
 from anemia_dist.config import load_config
 from anemia_dist.metrics import OperatingPoint
 from anemia_dist.model import build_model, set_train_mode
-from anemia_dist.run_dir import BEST
+from anemia_dist.run_dir import BEST, CHECKPOINT_INFO
 
 ROOT = Path(__file__).resolve().parents[1]
 CP_ANEMIC = ROOT.parent / "shared" / "data" / "cp-anemic"
@@ -181,6 +182,15 @@ def make_best(directory: Path, classes: list[str], threshold: float = 0.5, tempe
     model = build_model(cfg.model, len(classes))
     point = OperatingPoint(classes[0], threshold, "fixed", temperature)
     Checkpointer(Accelerator(), directory.parent, cfg, classes).save_best(model, 1, 0.7, 0.5, point)
+    return directory
+
+
+def fake_checkpoint(directory: Path, identity: dict, epoch: int, unfrozen: bool, step: int = 0, world: int = 2) -> Path:
+    """A complete checkpoint as far as choosing one goes: its ``checkpoint.json``."""
+    directory.mkdir(parents=True)
+    progress = {"epoch": epoch, "step": step, "unfrozen": unfrozen}
+    info = {"identity": identity, "progress": progress, "world_size": world}
+    (directory / CHECKPOINT_INFO).write_text(json.dumps(info))
     return directory
 
 

@@ -10,10 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, TINY, check, free_port, launch, make_image_folder, read_csv, script
+from accelerate import Accelerator
+from helpers import ROOT, TINY, check, fake_checkpoint, free_port, launch, make_image_folder, read_csv, script
 
+from anemia_dist.checkpointing import Checkpointer
 from anemia_dist.cli import launch_command
-from anemia_dist.run_dir import CHECKPOINTS, SPLITS, WEIGHTS, read_metrics
+from anemia_dist.config import load_config
+from anemia_dist.run_dir import CHECKPOINTS, METRICS, SPLITS, WEIGHTS, read_metrics
 
 pytestmark = pytest.mark.multiprocess
 
@@ -156,3 +159,20 @@ def test_a_launcher_dynamo_backend_is_refused_before_training_pointing_to_train_
     assert result.returncode != 0
     assert "--dynamo_backend eager: not supported" in result.stderr and "train.compile=true" in result.stderr
     assert not (tmp_path / "d").exists(), "refused before anything was written"
+
+
+def test_every_rank_follows_the_main_process_resume_decisions_despite_a_stale_listing(tmp_path):
+    classes = ["anemic", "non-anemic"]
+    cfg = load_config(None, [*TINY, f"run.output_dir={tmp_path / 'runs'}", "run.name=r", "run.resume=auto"])
+    identity = Checkpointer(Accelerator(), tmp_path, cfg, classes).identity
+    checkpoints = tmp_path / "runs" / "r" / CHECKPOINTS
+    fake_checkpoint(checkpoints / "epoch-0001", identity, 1, unfrozen=False)
+    newest = fake_checkpoint(checkpoints / "epoch-0002", identity, 2, unfrozen=True)
+    (tmp_path / "runs" / "r" / METRICS).write_text('{"epoch": 1}\n{"epoch": 2}\n')
+    out = tmp_path / "out"
+    out.mkdir()
+    overrides = [f"run.output_dir={tmp_path / 'runs'}", "run.name=r", "run.resume=auto", *TINY]
+    check(launch([script("stale_listing.py"), str(out), ",".join(classes), "--", *overrides]))
+    rank0, rank1 = read_ranks(out, 2)
+    assert rank0 == {"resume": str(newest), "unfrozen": True, "refused": True}
+    assert rank1 == rank0, "rank 1's own view (no checkpoints, no metrics, not unfrozen) is not used"
