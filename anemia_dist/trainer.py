@@ -105,6 +105,7 @@ def train(cfg: Config) -> dict[str, Any]:
     model = build_model(cfg.model, len(split.classes))
     freeze_backbone(model)  # phase 1, the head alone: before DDP wraps the model, as DDP syncs what trains now
     training = prepare_training(cfg, accelerator, model, loaders, split)
+    checkpointer.require_space(training.model, training.optimizer)
     set_seed(cfg.train.seed, device_specific=True)  # own augmentation and dropout streams per rank
     stopper = EarlyStopping(cfg.early_stopping.patience, cfg.early_stopping.min_delta)
     progress = TrainingProgress()
