@@ -6,7 +6,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,76 +24,80 @@ def read_ranks(out: Path, world: int) -> list[dict]:
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(world)]
 
 
-def test_validation_loss_on_two_ranks_equals_one_process(tmp_path):
-    # 13 validation images, batch 4, 2 ranks: the sampler pads the last batch with duplicates.
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_validation_loss_on_n_ranks_equals_one_process(tmp_path, world):
+    # 13 validation images, batch 4: 16, 24 and 16 slots on 2, 3 and 4 ranks, the rest padding.
     train = make_image_folder(tmp_path / "train", {"anemic": 6, "non-anemic": 9})
     val = make_image_folder(tmp_path / "val", {"anemic": 5, "non-anemic": 8})
     overrides = [*TINY, f"data.root={train}", f"data.val_root={val}", "model.dropout=0.0"]
     values = {}
-    for world in (1, 2):
-        out = tmp_path / f"world{world}"
+    for processes in (1, world):
+        out = tmp_path / f"world{processes}"
         out.mkdir()
-        check(launch([script("val_loss_probe.py"), str(out), "--", *overrides], num_processes=world))
-        ranks = read_ranks(out, world)
+        check(launch([script("val_loss_probe.py"), str(out), "--", *overrides], num_processes=processes))
+        ranks = read_ranks(out, processes)
         assert all(r["n"] == 13 for r in ranks), "every validation image counted exactly once"
         assert len({r["val_loss"] for r in ranks}) == 1, "identical on every rank"
-        values[world] = ranks[0]["val_loss"]
-    assert values[2] == pytest.approx(values[1], rel=1e-6)
+        values[processes] = ranks[0]["val_loss"]
+    assert values[world] == pytest.approx(values[1], rel=1e-6)
 
 
-def flat_loss_run(tmp_path: Path, data: Path, world: int) -> list[dict]:
-    """lr 1e-7 and no unfreezing (layer4's BatchNorm statistics would move): a flat validation loss."""
-    run = [
-        *TINY,
-        f"data.root={data}",
-        f"run.output_dir={tmp_path / f'runs{world}'}",
-        "run.name=flat",
-        "optim.lr=1e-7",
-        "scheduler.min_lr=0",
-        "early_stopping.min_delta=1e-4",
-        "unfreeze.head_only_epochs=100",
-        "train.epochs=12",
-    ]
-    if world == 1:
-        check(
-            subprocess.run(
-                [sys.executable, "-m", "anemia_dist", "train", *run], capture_output=True, text=True, cwd=ROOT
-            )
-        )
-    else:
-        check(launch(["-m", "anemia_dist", "train", *run], num_processes=world))
-    return read_metrics(tmp_path / f"runs{world}" / "flat")
+FLAT = [
+    "optim.lr=1e-7",
+    "scheduler.min_lr=0",
+    "early_stopping.min_delta=1e-4",
+    "unfreeze.head_only_epochs=100",
+    "unfreeze.plateau_patience=4",
+    "train.epochs=7",
+]
+"""lr 1e-7: a flat validation loss (it moves < 1e-5 an epoch), so the plateau decides: the lr is
+cut after epoch 5 (patience 3), layer4 unfreezes at epoch 6 (4 epochs without improvement), and
+as its BatchNorm statistics then move the loss falls (by > 1e-3): epochs 6 and 7 improve, so
+early stopping (patience 5) does not stop after epoch 6 and epoch 7 is the best."""
 
 
-def test_plateau_cuts_lr_after_patience_plus_one_flat_epochs_on_two_ranks_as_on_one(tmp_path, image_folder):
-    rows = {world: flat_loss_run(tmp_path, image_folder, world) for world in (1, 2)}
-    for world, metrics in rows.items():
-        lrs = [row["lr"][0] for row in metrics]
-        # patience 3: epoch 1 sets the best, epochs 2-5 do not improve, the cut follows epoch 5.
-        assert lrs[:5] == [1e-7] * 5, (world, lrs)
-        assert lrs[5] == pytest.approx(0.5e-7), (world, lrs)
-        # early stopping (patience 5) ends the run after epoch 6 on every world size
-        assert len(metrics) == 6, (world, len(metrics))
-    assert [r["lr"] for r in rows[1]] == [r["lr"] for r in rows[2]]
-    assert rows[2][0]["world_size"] == 2
+def decisions(report: dict) -> dict:
+    """What the synced validation loss decides, as one rank saw it."""
+    summary = report["summary"]
+    rows = report["rows"]
+    return {
+        "lr": [row["lr"] for row in rows],
+        "unfrozen": [row["unfrozen"] for row in rows],
+        **{key: summary[key] for key in ("best_epoch", "epochs_run", "stop_reason")},
+    }
 
 
-def spy_run(tmp_path: Path, data: Path, *flags: str, extra: tuple[str, ...] = ()) -> list[dict]:
+@pytest.fixture(scope="module")
+def flat_one_process(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flat")
+    data = make_image_folder(root / "data", {"anemic": 10, "non-anemic": 13})
+    (single,) = spy_run(root, data, world=1, extra=tuple(FLAT), defaults=False)
+    return data, decisions(single)
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_plateau_unfreeze_stop_and_best_decisions_on_n_ranks_equal_one_process(tmp_path, flat_one_process, world):
+    data, single = flat_one_process
+    lrs = [lr[0] for lr in single["lr"]]
+    assert lrs[:5] == [1e-7] * 5 and lrs[5] == pytest.approx(0.5e-7), lrs
+    assert lrs[6] == pytest.approx(0.5e-7), lrs
+    assert single["unfrozen"][4:7] == [[], ["layer4"], ["layer4"]] and single["epochs_run"] == 7, single
+    assert single["best_epoch"] == 7 and single["stop_reason"] == "max_epochs", single
+    ranks = spy_run(tmp_path, data, world=world, extra=tuple(FLAT), defaults=False)
+    assert [decisions(report) for report in ranks] == [single] * world
+
+
+def spy_run(
+    tmp_path: Path, data: Path, *flags: str, extra: tuple[str, ...] = (), world: int = 2, defaults: bool = True
+) -> list[dict]:
+    """rank_spy.py's reports, one per rank; ``defaults``: a run that unfreezes at epoch 2 and stops early."""
     out = tmp_path / "spy"
     out.mkdir()
-    overrides = [
-        *TINY,
-        f"data.root={data}",
-        f"run.output_dir={tmp_path / 'runs'}",
-        "run.name=spy",
-        "unfreeze.head_only_epochs=1",
-        "optim.lr=1e-2",
-        "early_stopping.patience=2",
-        "train.epochs=8",
-        *extra,
-    ]
-    check(launch([script("rank_spy.py"), str(out), *flags, "--", *overrides]))
-    return read_ranks(out, 2)
+    overrides = [*TINY, f"data.root={data}", f"run.output_dir={tmp_path / 'runs'}", "run.name=spy"]
+    if defaults:
+        overrides += ["unfreeze.head_only_epochs=1", "optim.lr=1e-2", "early_stopping.patience=2", "train.epochs=8"]
+    check(launch([script("rank_spy.py"), str(out), *flags, "--", *overrides, *extra], num_processes=world))
+    return read_ranks(out, world)
 
 
 @pytest.mark.parametrize("precision", ["no", "fp16", "bf16"])

@@ -1,8 +1,9 @@
 """Run under ``accelerate launch``: the real training loop, observed from inside every rank.
 
 Usage: ``rank_spy.py OUT_DIR [--no-rewrap] -- key=value ...``. Each rank writes
-``OUT_DIR/rank<k>.json`` with, per epoch, the validation loss it computed and a hash of its
-layer4 weights; the summary ``train`` returned on it; and every file-system write it made under
+``OUT_DIR/rank<k>.json`` with, per epoch, the validation loss it computed, a hash of its
+layer4 weights and its own metrics row (lr, unfrozen stages); the summary ``train`` returned on
+it; and every file-system write it made under
 the run directory (recorded with a Python audit hook). Only this spy writes to OUT_DIR. With
 ``train.mixed_precision=fp16`` it gives the CPU run torch's CPU GradScaler, as a GPU run has one.
 """
@@ -64,6 +65,15 @@ def main() -> None:
         return result
 
     trainer.validate = spying_validate
+    rows: list[dict] = []
+    real_metrics_row = trainer.metrics_row
+
+    def spying_metrics_row(*args, **kwargs):  # computed on every rank: this rank's decisions
+        row = real_metrics_row(*args, **kwargs)
+        rows.append({key: row[key] for key in ("epoch", "lr", "unfrozen", "val_loss", "train_images")})
+        return row
+
+    trainer.metrics_row = spying_metrics_row
     if "--no-rewrap" in flags:  # negative control: show the test catches unsynchronised layers
         trainer.rewrap_after_unfreeze = lambda accelerator, model: model
 
@@ -77,7 +87,7 @@ def main() -> None:
 
         trainer.make_accelerator = with_cpu_scaler
     summary = trainer.train(cfg)
-    report = {"rank": rank, "epochs": epochs, "summary": summary, "writes": writes}
+    report = {"rank": rank, "epochs": epochs, "rows": rows, "summary": summary, "writes": writes}
     (out / f"rank{rank}.json").write_text(json.dumps(report))
 
 
