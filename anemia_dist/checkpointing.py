@@ -28,9 +28,9 @@ from .config import Config
 from .distributed import any_rank, broadcast_from_main
 from .errors import CheckpointMismatch, ConfigError, DiskSpaceError, UserError
 from .metrics import OperatingPoint
+from .model import preprocessing
 from .progress import TrainingProgress
 from .run_dir import BEST, CHECKPOINT_INFO, CHECKPOINTS, META, WEIGHTS
-from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
 PREFIX = "epoch-"
 TMP_PREFIX = ".tmp-"
@@ -74,6 +74,7 @@ class Checkpointer:
             "unfreeze_layers": cfg.unfreeze.layers,
         }
         """What a checkpoint's tensors depend on: resuming with anything else is refused."""
+        backbone = preprocessing(cfg.model.arch)
         self.model_meta = {
             "arch": cfg.model.arch,
             "classes": classes,
@@ -81,6 +82,8 @@ class Checkpointer:
             "alpha_background": cfg.data.alpha_background,
             "hidden": cfg.model.hidden,
             "dropout": cfg.model.dropout,
+            "normalization": {"mean": backbone["mean"], "std": backbone["std"]},
+            "pretrained_input_size": backbone["pretrained_input_size"],
         }
         """What inference needs to rebuild the model and feed it as training did."""
         self.needed_bytes = 0
@@ -275,7 +278,6 @@ class Checkpointer:
         weights = self.accelerator.unwrap_model(model).state_dict()
         state = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
         meta = {
-            "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
             **self.model_meta,
             "epoch": epoch,
             "val_loss": val_loss,
