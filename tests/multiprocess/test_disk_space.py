@@ -54,7 +54,9 @@ def test_a_write_that_fails_ends_every_rank_with_one_message_and_no_partial_chec
     assert len(errors) == 1, result.stderr[-3000:]
     assert f"could not write under {disk / 'r'}" in errors[0] and "No space left on device" in errors[0]
     assert "the last complete checkpoint is none yet" in errors[0] and "MiB;" in errors[0]
-    assert result.stderr.count("exitcode  : 2") == 2, "both ranks end as a user error (the launcher reports them)"
+    # Every rank raises the same error (no rank waits forever: the launch ends well inside its
+    # timeout); the launcher reports the first exit, 2 as for any user error, and stops the rest.
+    assert "exitcode  : 2" in result.stderr
     assert "anemia_dist/" not in result.stderr, "no traceback from the package"
     assert (disk / "r" / BEST / WEIGHTS).is_file(), "the best model written before survives"
     assert list((disk / "r" / CHECKPOINTS).iterdir()) == [], "the partial checkpoint is removed"
