@@ -24,22 +24,31 @@ def read_ranks(out: Path, world: int) -> list[dict]:
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(world)]
 
 
-@pytest.mark.parametrize("world", [2, 3, 4])
-def test_validation_loss_on_n_ranks_equals_one_process(tmp_path, world):
+def probe_validation(root: Path, overrides: list[str], world: int) -> float:
+    """val_loss_probe.py on ``world`` ranks: every rank's loss, after checking they agree."""
+    out = root / f"world{world}"
+    out.mkdir()
+    check(launch([script("val_loss_probe.py"), str(out), "--", *overrides], num_processes=world))
+    ranks = read_ranks(out, world)
+    assert all(r["n"] == 13 for r in ranks), "every validation image counted exactly once"
+    assert len({r["val_loss"] for r in ranks}) == 1, "identical on every rank"
+    return ranks[0]["val_loss"]
+
+
+@pytest.fixture(scope="module")
+def validation_one_process(tmp_path_factory):
     # 13 validation images, batch 4: 16, 24 and 16 slots on 2, 3 and 4 ranks, the rest padding.
-    train = make_image_folder(tmp_path / "train", {"anemic": 6, "non-anemic": 9})
-    val = make_image_folder(tmp_path / "val", {"anemic": 5, "non-anemic": 8})
+    root = tmp_path_factory.mktemp("validation")
+    train = make_image_folder(root / "train", {"anemic": 6, "non-anemic": 9})
+    val = make_image_folder(root / "val", {"anemic": 5, "non-anemic": 8})
     overrides = [*TINY, f"data.root={train}", f"data.val_root={val}", "model.dropout=0.0"]
-    values = {}
-    for processes in (1, world):
-        out = tmp_path / f"world{processes}"
-        out.mkdir()
-        check(launch([script("val_loss_probe.py"), str(out), "--", *overrides], num_processes=processes))
-        ranks = read_ranks(out, processes)
-        assert all(r["n"] == 13 for r in ranks), "every validation image counted exactly once"
-        assert len({r["val_loss"] for r in ranks}) == 1, "identical on every rank"
-        values[processes] = ranks[0]["val_loss"]
-    assert values[world] == pytest.approx(values[1], rel=1e-6)
+    return overrides, probe_validation(root, overrides, 1)
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_validation_loss_on_n_ranks_equals_one_process(tmp_path, validation_one_process, world):
+    overrides, single = validation_one_process
+    assert probe_validation(tmp_path, overrides, world) == pytest.approx(single, rel=1e-6)
 
 
 FLAT = [
