@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .config import ARCHS, DataConfig, ModelConfig, TrainConfig, load_config
+from .config import ARCHS, Config, DataConfig, ModelConfig, TrainConfig, load_config
 from .console import configure_logging
 from .errors import USER_ERRORS
 from .run_dir import AUDIT_JSON, BEST, CURVES, METRICS, REPORT, REPORT_PAGE, SUMMARY
@@ -128,6 +128,8 @@ def cmd_audit_data(args: argparse.Namespace) -> int:
     from .audit import audit_data
 
     cfg = load_config(args.config, args.overrides)
+    if args.compare:
+        return _compare_sets(args.compare, cfg, args.out)
     _, _, report = audit_data(cfg.data)
     out = Path(args.out or Path(cfg.run.output_dir) / "audit")
     path = report.write(out)
@@ -137,6 +139,17 @@ def cmd_audit_data(args: argparse.Namespace) -> int:
         print(f"anemia-dist audit-data: {report.bad_files_message()}", file=sys.stderr)
         return 1
     return 0
+
+
+def _compare_sets(specs: list[str], cfg: Config, out: str | None) -> int:
+    """``audit-data --compare TRAIN TEST``: exit 1 when any test file has a copy in training."""
+    from . import leakage
+
+    rows, counts = leakage.compare(specs[0], specs[1], cfg.data)
+    path = leakage.write(out or Path(cfg.run.output_dir) / "compare", rows, counts)
+    print(leakage.text(rows, counts))
+    print(f"report: {path} (every pair, with paths, labels and distances)")
+    return 1 if rows else 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -185,7 +198,14 @@ def _add_audit_parser(sub: argparse._SubParsersAction) -> None:
         help="check every image (bad files, duplicates, label conflicts) as training would; exit 1 if it would stop",
     )
     audit.add_argument("--config", help="YAML file, or a packaged config name (default, demo, cp_anemic)")
-    audit.add_argument("--out", help="report folder (default: RUN.OUTPUT_DIR/audit)")
+    audit.add_argument("--out", help="report folder (default: RUN.OUTPUT_DIR/audit, or RUN.OUTPUT_DIR/compare)")
+    audit.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("TRAIN", "TEST"),
+        help="report every exact and near copy of a TEST image in TRAIN (folders, manifests, or a run's "
+        "splits.csv twice: its train rows against its val rows); exit 1 when any is found",
+    )
     audit.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.manifest=/data/sheet.csv")
     audit.set_defaults(func=cmd_audit_data)
 

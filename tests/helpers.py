@@ -59,7 +59,12 @@ def tiny_grid(path: Path, data: Path | str, output: Path | str, **parameters) ->
 
 def write_image(path: Path, rgb: tuple[int, int, int], size: int = 24, mode: str = "RGB", seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
-    array = np.clip(np.array(rgb)[None, None, :] + rng.normal(0, 20, (size, size, 3)), 0, 255).astype(np.uint8)
+    # A smooth random field under the noise: every picture differs in its coarse structure too, as
+    # photos do, so the near-copy finder (which sees only coarse structure) keeps them apart.
+    coarse = Image.fromarray(rng.normal(0, 60, (4, 4)).astype(np.float32), "F").resize((size, size), Image.BICUBIC)
+    field = np.asarray(coarse)[:, :, None]
+    noisy = np.array(rgb)[None, None, :] + field + rng.normal(0, 20, (size, size, 3))
+    array = np.clip(noisy, 0, 255).astype(np.uint8)
     image = Image.fromarray(array, "RGB")
     if mode == "RGBA":
         image = image.convert("RGBA")
