@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import socket
 import subprocess
@@ -25,7 +26,7 @@ from anemia_dist.cli import launch_command
 from anemia_dist.config import load_config
 from anemia_dist.metrics import OperatingPoint
 from anemia_dist.model import build_model, set_train_mode
-from anemia_dist.run_dir import BEST
+from anemia_dist.run_dir import BEST, CHECKPOINT_INFO
 
 ROOT = Path(__file__).resolve().parents[1]
 CP_ANEMIC = ROOT.parent / "shared" / "data" / "cp-anemic"
@@ -205,6 +206,15 @@ def assert_same_numbers(a, b, rel: float = 1e-6, where: str = "") -> None:
             assert_same_numbers(x, y, rel, f"{where}[{i}]")
     else:
         assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def fake_checkpoint(directory: Path, identity: dict, epoch: int, unfrozen: bool, step: int = 0, world: int = 2) -> Path:
+    """A complete checkpoint as far as choosing one goes: its ``checkpoint.json``."""
+    directory.mkdir(parents=True)
+    progress = {"epoch": epoch, "step": step, "unfrozen": unfrozen}
+    info = {"identity": identity, "progress": progress, "world_size": world}
+    (directory / CHECKPOINT_INFO).write_text(json.dumps(info))
+    return directory
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
