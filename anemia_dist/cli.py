@@ -90,7 +90,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .inference import evaluate
 
-    record = evaluate(args.checkpoint, args.data, args.overrides, args.batch_size, args.out, args.report, args.split)
+    record = evaluate(
+        args.checkpoint,
+        args.data,
+        args.overrides,
+        args.batch_size,
+        args.out,
+        args.report,
+        args.split,
+        quality_gate=args.quality_gate,
+    )
     if record is not None:
         print(json.dumps(record, indent=2))
     return 0
@@ -99,14 +108,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from .inference import predict, write_predictions
 
-    rows = predict(args.checkpoint, args.inputs, args.batch_size, args.num_workers)
+    rows = predict(args.checkpoint, args.inputs, args.batch_size, args.num_workers, args.quality_gate, args.explain)
     if args.out:
         with open(args.out, "w", newline="") as handle:
             write_predictions(rows, handle)
     else:
         write_predictions(rows, sys.stdout)
     unreadable = [row for row in rows if row["error"]]
-    print(f"{len(rows) - len(unreadable)} image(s) scored, {len(unreadable)} unreadable", file=sys.stderr)
+    rejected = [row for row in rows if row["reason"]]
+    scored = len(rows) - len(unreadable) - len(rejected)
+    print(
+        f"{scored} image(s) scored, {len(rejected)} rejected by the quality gate, {len(unreadable)} unreadable",
+        file=sys.stderr,
+    )
+    for row in rejected:
+        print(f"  rejected: {row['path']} ({row['reason']})", file=sys.stderr)
     for row in unreadable:
         print(f"  unreadable: {row['path']} ({row['error']})", file=sys.stderr)
     return 0
@@ -285,6 +301,15 @@ def _add_sweep_parser(sub: argparse._SubParsersAction) -> None:
     sweep.set_defaults(func=cmd_sweep)
 
 
+def add_quality_gate_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-quality-gate",
+        dest="quality_gate",
+        action="store_false",
+        help="score every readable file, even ones the quality gate would reject (too small, blank, ...)",
+    )
+
+
 def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
     evaluate = sub.add_parser(
         "evaluate",
@@ -302,6 +327,7 @@ def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
         help="only these rows of a manifest with a split column (a run's splits.csv)",
     )
     evaluate.add_argument("--batch-size", type=int, default=64, help="per process")
+    add_quality_gate_flag(evaluate)
     evaluate.add_argument(
         "overrides",
         nargs="*",
@@ -319,6 +345,12 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
     predict.add_argument("--out", help="CSV file (default: standard output)")
     predict.add_argument("--batch-size", type=int, default=64)
     predict.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1))
+    add_quality_gate_flag(predict)
+    predict.add_argument(
+        "--explain",
+        metavar="DIR",
+        help="also write a Grad-CAM overlay (PNG, the photo's own size) per scored photo into DIR",
+    )
     predict.set_defaults(func=cmd_predict)
 
 

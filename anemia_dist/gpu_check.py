@@ -240,8 +240,10 @@ def scores_check(cfg: Config) -> Check:
     val = validate(accelerator, model, accelerator.prepare_data_loader(val_loader), torch.ones(len(meta["classes"])))
     positive = meta["classes"].index(point.positive_class)
     validation = apply_temperature(val.probs.numpy(), point.temperature)[:, positive]
-    rows = predict(best, [s.path for s in split.val], batch_size=cfg.train.batch_size, num_workers=4)
-    predicted = np.array([float(row["probability"]) for row in rows])
+    paths = [s.path for s in split.val]
+    rows = predict(best, paths, batch_size=cfg.train.batch_size, num_workers=4, quality_gate=False)
+    by_path = {row["path"]: row["probability"] for row in rows}
+    predicted = np.array([float(by_path[str(path)]) for path in paths])
     flipped = int(((validation >= point.threshold) != (predicted >= point.threshold)).sum())
     gap = float(np.abs(validation - predicted).max())
     return Check(

@@ -209,6 +209,19 @@ def test_pil_pipeline_keeps_the_per_image_pil_datasets(tmp_path):
     assert torch.equal(device_transform(train)(images), images)
 
 
+def pil_batches(cfg, split, rank: int) -> list[torch.Tensor]:
+    train, _ = make_loaders(cfg, split, pin_memory=False, rank=rank)
+    return [images for images, _ in train]
+
+
+def test_pil_loader_workers_draw_their_own_augmentation_per_rank_reproducibly(tmp_path):
+    """The ranks shuffle alike (Accelerate then shards that order) but augment differently."""
+    cfg, split = split_and_config(tmp_path, "data.pipeline=pil", "data.num_workers=1")
+    rank0, again, rank1 = pil_batches(cfg, split, 0), pil_batches(cfg, split, 0), pil_batches(cfg, split, 1)
+    assert all(torch.equal(a, b) for a, b in zip(rank0, again, strict=True)), "a fixed seed reproduces the stream"
+    assert not any(torch.equal(a, b) for a, b in zip(rank0, rank1, strict=True)), "rank 1 draws its own"
+
+
 def test_spawned_workers_without_room_in_shared_memory_stop_with_what_to_do(tmp_path, monkeypatch):
     cfg, split = split_and_config(tmp_path, "data.num_workers=2")
     make_loaders(cfg, split, pin_memory=False)  # the control: forked workers need no shared memory
