@@ -21,7 +21,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +32,10 @@ from scipy.sparse.csgraph import connected_components
 from .config import DataConfig
 from .images import ColourError, decode_rgb, describe_profile, embedded_profile, working_size
 from .run_dir import AUDIT_CSV, AUDIT_JSON, EXCLUDED
-from .sources import Sample, load_samples
+from .sources import Sample, class_name, load_samples
 
+NO_MEASUREMENT = "no_measurement"
+"""The bad-file kind of a manifest row whose data.measure_column is empty: it has no target or label."""
 UNCONVERTIBLE_COLOUR = "unconvertible_colour"
 """The bad-file kind of an image whose embedded colour profile cannot convert it to sRGB."""
 DECODED_KINDS = (None, "too_small", UNCONVERTIBLE_COLOUR)
@@ -49,7 +51,8 @@ _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint16)
 @dataclass(frozen=True)
 class FileCheck:
     """What one file turned out to be. ``problem``: None, or the kind of bad file: missing,
-    unreadable, empty, not_image, truncated, corrupt, too_small or unconvertible_colour."""
+    unreadable, empty, not_image, truncated, corrupt, too_small, unconvertible_colour or
+    no_measurement (a manifest row with an empty data.measure_column)."""
 
     path: str
     problem: str | None = None
@@ -173,16 +176,29 @@ class AuditReport:
     min_size: int
     near_duplicate_distance: int | None
     seconds: float = 0.0
+    measures: list[float | None] = field(default_factory=list)
+    """data.measure_column's value per sample (None without one, NaN where missing); empty: none."""
     conflicts: list[tuple[str, int]] = field(init=False)
     """(``exact``/``near``, group index) of groups whose copies carry different labels."""
+    measure_conflicts: list[tuple[str, int]] = field(init=False)
+    """(``exact``/``near``, group index) of groups whose copies carry different measurements."""
 
     def __post_init__(self) -> None:
-        self.conflicts = [
+        self.conflicts = self._differing(lambda i: self.labels[i])
+        self.measure_conflicts = self._differing(self.measure_text) if self.measures else []
+
+    def _differing(self, value) -> list[tuple[str, int]]:
+        return [
             (scope, index)
             for scope, groups in (("exact", self.exact_groups), ("near", self.near_groups))
             for index, group in enumerate(groups)
-            if len({self.labels[i] for i in group}) > 1
+            if len({value(i) for i in group} - {""}) > 1
         ]
+
+    def measure_text(self, index: int) -> str:
+        """A sample's measurement as written in findings ("" when it has none)."""
+        measure = self.measures[index] if self.measures else None
+        return "" if measure is None or measure != measure else f"{measure:g}"
 
     def group(self, scope: str, index: int) -> list[int]:
         return (self.exact_groups if scope == "exact" else self.near_groups)[index]
@@ -192,7 +208,8 @@ class AuditReport:
         return [i for i, check in enumerate(self.checks) if check.problem is not None]
 
     def class_counts(self, indices: Sequence[int] | None = None) -> dict[str, int]:
-        counts = Counter(self.labels[i] for i in (range(len(self.labels)) if indices is None else indices))
+        chosen = range(len(self.labels)) if indices is None else indices
+        counts = Counter(self.labels[i] for i in chosen if self.labels[i])  # "": no measurement, no class
         return dict(sorted(counts.items()))
 
     def colour_and_cameras(self) -> dict[str, object]:
@@ -226,7 +243,17 @@ class AuditReport:
             name = f"{'E' if scope == 'exact' else 'N'}{index + 1}"
             labels = ", ".join(f"{label} x{count}" for label, count in Counter(self.labels[i] for i in group).items())
             rows += [self._row("conflicting_labels", i, name, f"{scope} duplicates labelled {labels}") for i in group]
+        for scope, index in self.measure_conflicts:
+            group = self.group(scope, index)
+            name = f"{'E' if scope == 'exact' else 'N'}{index + 1}"
+            detail = f"{scope} duplicates measured {self.measured_values(group)}"
+            rows += [self._row("conflicting_measurements", i, name, detail) for i in group]
         return rows
+
+    def measured_values(self, group: Sequence[int]) -> str:
+        """Every distinct measurement in a group, e.g. ``10.2 x2, 12.5 x1``."""
+        counts = Counter(self.measure_text(i) for i in group)
+        return ", ".join(f"{value} x{count}" for value, count in sorted(counts.items()) if value)
 
     def _row(self, kind: str, index: int, group: str, detail: str) -> dict[str, str]:
         return {
@@ -255,6 +282,14 @@ class AuditReport:
                 {"scope": scope, "paths": [self.checks[i].path for i in self.group(scope, index)]}
                 for scope, index in self.conflicts
             ],
+            "conflicting_measurement_groups": [
+                {
+                    "scope": scope,
+                    "paths": [self.checks[i].path for i in self.group(scope, index)],
+                    "values": [self.measure_text(i) for i in self.group(scope, index)],
+                }
+                for scope, index in self.measure_conflicts
+            ],
             **self.colour_and_cameras(),
             "min_size": self.min_size,
             "seconds": round(self.seconds, 3),
@@ -277,6 +312,11 @@ class AuditReport:
             lines.append(f"    {scope}: " + " = ".join(named))
         if len(self.conflicts) > 10:
             lines.append(f"    ... {len(self.conflicts) - 10} more in the report")
+        if self.measures:
+            lines.append(f"  duplicate groups with different measurements: {len(self.measure_conflicts)}")
+            for scope, index in self.measure_conflicts[:10]:
+                named = (f"{Path(self.checks[i].path).name} ({self.measure_text(i)})" for i in self.group(scope, index))
+                lines.append(f"    {scope}: " + " = ".join(named))
         lines += [
             f"  colour profiles: {_counts(s['colour_profiles'])}; {s['without_colour_profile']} files without one "
             f"(read as sRGB); {s['unconvertible_colour']} cannot be converted to sRGB",
@@ -323,6 +363,7 @@ def audit_samples(
     paths = [s.path for s in samples]
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         checks = list(pool.map(lambda p: check_file(p, min_size, background, decode_side), paths))
+    checks = [_require_measurement(check, sample) for check, sample in zip(checks, samples, strict=True)]
     good = [i for i, check in enumerate(checks) if check.problem is None]
 
     by_content: dict[str, list[int]] = defaultdict(list)
@@ -339,8 +380,17 @@ def audit_samples(
         for k in range(len(contents)):
             merged[int(component[k])].append(k)
         near = [sorted(i for k in ks for i in contents[k]) for ks in merged.values() if len(ks) > 1]
-    labels = [classes[s.label] for s in samples]
-    return AuditReport(checks, labels, exact, near, min_size, near_duplicate_distance, time.perf_counter() - started)
+    labels = [class_name(classes, s.label) for s in samples]
+    measures = [s.measure for s in samples] if any(s.measure is not None for s in samples) else []
+    seconds = time.perf_counter() - started
+    return AuditReport(checks, labels, exact, near, min_size, near_duplicate_distance, seconds, measures)
+
+
+def _require_measurement(check: FileCheck, sample: Sample) -> FileCheck:
+    """A readable file whose manifest row has an empty measurement is a bad file (no target, no label)."""
+    if check.problem is None and sample.measure is not None and sample.measure != sample.measure:
+        return replace(check, problem=NO_MEASUREMENT, detail="the manifest row's data.measure_column is empty")
+    return check
 
 
 def _pair_keys(n: int, pairs: Sequence[tuple[int, int]]) -> list[list[object]]:

@@ -110,7 +110,8 @@ class DataConfig:
     """Which fold (0 .. folds-1) is the validation split."""
     bad_files: Literal["error", "skip"] = "error"
     """Missing, unreadable, empty, non-image, truncated or too-small files, and images whose embedded
-    colour profile cannot convert them to sRGB: ``error`` stops before training with the full list;
+    colour profile cannot convert them to sRGB, and manifest rows with an empty data.measure_column:
+    ``error`` stops before training with the full list;
     ``skip`` leaves them out and lists them in the run's excluded.csv."""
     min_size: int = 16
     """Images whose shorter side is below this many pixels are bad files."""

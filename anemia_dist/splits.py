@@ -22,7 +22,7 @@ from .audit import AuditReport, audit_data, connected_groups
 from .config import DataConfig
 from .distributed import broadcast_from_main
 from .errors import DataError
-from .sources import Sample
+from .sources import Sample, class_name
 
 
 @dataclass(frozen=True)
@@ -185,7 +185,12 @@ def split_rows(split: SplitData) -> list[dict[str, str]]:
 
 def excluded_rows(split: SplitData) -> list[dict[str, str]]:
     return [
-        {"path": e.sample.path, "label": split.classes[e.sample.label], "reason": e.reason, "detail": e.detail}
+        {
+            "path": e.sample.path,
+            "label": class_name(split.classes, e.sample.label),
+            "reason": e.reason,
+            "detail": e.detail,
+        }
         for e in split.excluded
     ]
 
