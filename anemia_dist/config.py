@@ -206,6 +206,10 @@ class ModelConfig:
     init, for tests) or a path to a state dict (.safetensors / .pt)."""
     hidden: int = 512
     dropout: float = 0.5
+    task: Literal["classify", "regress"] = "classify"
+    """``classify``: the classes (the methodology). ``regress``: data.measure_column (haemoglobin,
+    g/dL) standardised with the training split's mean and SD, one output, Huber loss; anemic when the
+    predicted value is below the row's threshold (data.threshold/threshold_column/threshold_rules)."""
 
     def __post_init__(self) -> None:
         _check(self.arch in ARCHS, "model.arch", f"must be one of {', '.join(ARCHS)}, got {self.arch!r}")
@@ -225,9 +229,12 @@ class OptimConfig:
 
     lr: float = 1e-4
     weight_decay: float = 1e-4
+    huber_delta: float = 1.0
+    """model.task=regress: the Huber loss's delta, in standard deviations of the training targets."""
 
     def __post_init__(self) -> None:
         _check(self.lr >= 0, "optim.lr", f"must be >= 0, got {self.lr}")
+        _check(self.huber_delta > 0, "optim.huber_delta", f"must be > 0, got {self.huber_delta}")
         _check(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
 
 
@@ -339,9 +346,16 @@ class EvalConfig:
     target_sensitivity: float = 0.90
     fixed_threshold: float = 0.5
     calibrate: bool = False
-    """Fit a softmax temperature on the validation split and save it with the model."""
+    """Fit a softmax temperature on the validation split and save it with the model
+    (model.task=regress: a linear recalibration of the predicted values)."""
     bootstrap: int = 2000
     """Bootstrap resamples for the 95 % confidence intervals in the reports."""
+    hb_thresholds: list[float] = field(default_factory=list)
+    """model.task=regress: extra cut-offs (g/dL) reported beside the row thresholds, e.g. [7, 9, 11]
+    for severe, moderate and mild anemia."""
+    interval: float = 0.9
+    """model.task=regress: coverage of the per-image prediction intervals (split-conformal,
+    calibrated on the validation residuals, patients counted once)."""
 
     def __post_init__(self) -> None:
         _check(bool(self.positive_class.strip()), "eval.positive_class", "must name a class, e.g. anemic")
@@ -354,6 +368,7 @@ class EvalConfig:
             0.0 <= self.fixed_threshold <= 1.0, "eval.fixed_threshold", f"must be in [0, 1], got {self.fixed_threshold}"
         )
         _check(self.bootstrap >= 100, "eval.bootstrap", f"must be >= 100 resamples, got {self.bootstrap}")
+        _check(0.0 < self.interval < 1.0, "eval.interval", f"must be in (0, 1), got {self.interval}")
 
 
 WANDB_MODES = ("off", "online", "offline")
@@ -418,6 +433,13 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        _check(
+            self.model.task == "classify" or self.data.measure_column is not None,
+            "model.task",
+            "regress learns data.measure_column: set it (e.g. data.measure_column=HB_LEVEL) and a threshold source",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

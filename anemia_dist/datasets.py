@@ -231,8 +231,27 @@ class ImageDataset(Dataset):
         return self.transform(load_rgb(sample.path, self.background)), sample.label
 
 
-def make_loaders(cfg: Config, split: SplitData, pin_memory: bool) -> tuple[DataLoader, DataLoader]:
-    """The training and validation loaders of ``data.pipeline``, before Accelerate shards them."""
+class Retargeted(Dataset):
+    """A dataset's images with other per-sample targets (e.g. haemoglobin instead of the class)."""
+
+    def __init__(self, dataset: Dataset, targets: torch.Tensor):
+        if len(dataset) != len(targets):
+            raise ValueError(f"{len(dataset)} images but {len(targets)} targets")
+        self.dataset, self.targets = dataset, targets
+        self.batch_transform = device_transform_of(dataset)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.dataset[index][0], self.targets[index]
+
+
+def make_loaders(
+    cfg: Config, split: SplitData, pin_memory: bool, targets: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[DataLoader, DataLoader]:
+    """The training and validation loaders of ``data.pipeline``, before Accelerate shards them;
+    ``targets`` (training, validation) replace the class labels."""
     workers = cfg.data.num_workers
     common = dict(
         batch_size=cfg.train.batch_size,
@@ -246,6 +265,8 @@ def make_loaders(cfg: Config, split: SplitData, pin_memory: bool) -> tuple[DataL
         background = cfg.data.alpha_background
         train = ImageDataset(split.train, train_transform(cfg.data.image_size), background)
         val = ImageDataset(split.val, eval_transform(cfg.data.image_size), background)
+    if targets is not None:
+        train, val = Retargeted(train, targets[0]), Retargeted(val, targets[1])
     # Own generators: creating a loader iterator otherwise draws from the global RNG, which the
     # checkpoints restore, and a mid-epoch resume (a fresh iterator) would start one draw off.
     return (
@@ -254,7 +275,12 @@ def make_loaders(cfg: Config, split: SplitData, pin_memory: bool) -> tuple[DataL
     )
 
 
-def device_transform(loader: DataLoader) -> Callable[[torch.Tensor], torch.Tensor]:
+def device_transform_of(dataset: Dataset) -> Callable[[torch.Tensor], torch.Tensor]:
     """What the training device does to a batch before the model: the cached pipeline's batched
     augmentation (or validation resize) and normalisation; PIL-pipeline batches arrive finished."""
-    return getattr(loader.dataset, "batch_transform", torch.nn.Identity())
+    return getattr(dataset, "batch_transform", torch.nn.Identity())
+
+
+def device_transform(loader: DataLoader) -> Callable[[torch.Tensor], torch.Tensor]:
+    """:func:`device_transform_of` the loader's dataset."""
+    return device_transform_of(loader.dataset)

@@ -77,6 +77,32 @@ def threshold_table(
     return {"auroc": auroc, "sensitivity": sensitivity, "specificity": specificity}
 
 
+def screening_at(measured: Any, predicted: Any, threshold: Any) -> dict[str, float]:
+    """The screening metrics of the decision "predicted < threshold" for "measured < threshold"
+    (point values, NaN where undefined): a training epoch's ``val_*`` columns."""
+    y, p = np.asarray(measured, dtype=np.float64), np.asarray(predicted, dtype=np.float64)
+    t = np.broadcast_to(np.asarray(threshold, dtype=np.float64), y.shape)
+    truth, decision = y < t, p < t
+    tp, fp = float((truth & decision).sum()), float((~truth & decision).sum())
+    tn, fn = float((~truth & ~decision).sum()), float((truth & ~decision).sum())
+    auroc, auprc = ranking_areas(truth, t - p, np.ones((1, len(y))))
+
+    def ratio(a: float, b: float) -> float:
+        return a / b if b else math.nan
+
+    sensitivity, specificity = ratio(tp, tp + fn), ratio(tn, tn + fp)
+    return {
+        "balanced_accuracy": (sensitivity + specificity) / 2,
+        "auroc": float(auroc[0]),
+        "auprc": float(auprc[0]),
+        "sensitivity": sensitivity,
+        "specificity": specificity,
+        "ppv": ratio(tp, tp + fp),
+        "npv": ratio(tn, tn + fn),
+        "f1": ratio(2 * tp, 2 * tp + fp + fn),
+    }
+
+
 def _interval(values: np.ndarray) -> tuple[float, float]:
     tail = 100 * (1 - CONFIDENCE) / 2
     defined = values[np.isfinite(values)]

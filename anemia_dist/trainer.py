@@ -34,10 +34,10 @@ from .distributed import broadcast_from_main, rewrap_after_unfreeze
 from .early_stopping import EarlyStopping
 from .errors import ConfigError
 from .figures import plot_curves
-from .metrics import OperatingPoint, positive_index, require_both_classes, screening_metrics
+from .metrics import OperatingPoint, positive_index, require_both_classes
 from .model import build_model, freeze_backbone, optimizer_param_groups, set_train_mode, trainable_stages, unfreeze
 from .preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionWatcher
-from .progress import Totals, TrainingProgress, batch_totals
+from .progress import Totals, TrainingProgress
 from .report import write_validation_report
 from .run_dir import (
     AUDIT_CSV,
@@ -53,7 +53,8 @@ from .run_dir import (
     RunDirectory,
 )
 from .splits import SplitData, balanced_class_weights, build_split_on_main, describe_split, excluded_rows, split_rows
-from .validation import ValidationResult, validate
+from .tasks import ClassifyTask, make_task
+from .validation import ValidationResult
 
 logger = get_logger(__name__)
 
@@ -69,6 +70,8 @@ class Training:
     train_loader: DataLoader
     val_loader: DataLoader
     class_weights: torch.Tensor
+    task: ClassifyTask
+    """model.task: the targets, loss and validation pass (classify, or regress the haemoglobin)."""
 
 
 @dataclass
@@ -101,10 +104,11 @@ def train(cfg: Config) -> dict[str, Any]:
     checkpointer = Checkpointer(accelerator, run.path, cfg, split.classes)
     resume_from = checkpointer.resume_point()  # a bad run.resume stops before any file is written
     write_run_start(cfg, run, split)
-    loaders = make_loaders(cfg, split, pin_memory=accelerator.device.type == "cuda")
-    model = build_model(cfg.model, len(split.classes))
+    task = make_task(cfg, split)
+    loaders = make_loaders(cfg, split, pin_memory=accelerator.device.type == "cuda", targets=task.targets(split))
+    model = build_model(cfg.model, task.outputs())
     freeze_backbone(model)  # phase 1, the head alone: before DDP wraps the model, as DDP syncs what trains now
-    training = prepare_training(cfg, accelerator, model, loaders, split)
+    training = prepare_training(cfg, accelerator, model, loaders, split, task)
     set_seed(cfg.train.seed, device_specific=True)  # own augmentation and dropout streams per rank
     stopper = EarlyStopping(cfg.early_stopping.patience, cfg.early_stopping.min_delta)
     progress = TrainingProgress()
@@ -132,8 +136,8 @@ def train(cfg: Config) -> dict[str, Any]:
             if trained.preempted:
                 progress.pause(trained.steps, trained.totals, trained.seconds)
                 exit_preempted(accelerator, run, checkpointer.save(progress, stopper.best_epoch))
-            val = validate(accelerator, training.model, training.val_loader, training.class_weights)
-            point, screening = screening_metrics(val.labels, val.probs, split.classes, cfg.eval)
+            val = task.validate(accelerator, training.model, training.val_loader, training.class_weights)
+            point, screening = task.epoch_metrics(val)
             training.scheduler.step(val.loss)
             improved = stopper.update(val.loss, epoch)
             if improved:
@@ -224,6 +228,7 @@ def prepare_training(
     model: torch.nn.Module,
     loaders: tuple[DataLoader, DataLoader],
     split: SplitData,
+    task: ClassifyTask,
 ) -> Training:
     """Class weights from the training split, optimiser, plateau scheduler; Accelerate wraps them all."""
     class_weights = balanced_class_weights(split.train, len(split.classes)).to(accelerator.device)
@@ -233,7 +238,7 @@ def prepare_training(
         optimizer, mode="min", factor=cfg.scheduler.factor, patience=cfg.scheduler.patience, min_lr=cfg.scheduler.min_lr
     )
     model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(model, optimizer, *loaders, scheduler)
-    return Training(model, optimizer, scheduler, train_loader, val_loader, class_weights)
+    return Training(model, optimizer, scheduler, train_loader, val_loader, class_weights, task)
 
 
 def log_start(accelerator: Accelerator, cfg: Config, split: SplitData, run: RunDirectory) -> None:
@@ -268,10 +273,15 @@ def training_step(
     labels: torch.Tensor,
     class_weights: torch.Tensor,
     backward: Callable[[torch.Tensor], None],
+    loss_function: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class-weighted cross-entropy, one optimiser step; returns the logits and the loss."""
+    """Class-weighted cross-entropy (or the task's ``loss_function``), one optimiser step; returns
+    the outputs and the loss."""
     logits = model(images)
-    loss = F.cross_entropy(logits, labels, weight=class_weights)
+    if loss_function is None:
+        loss = F.cross_entropy(logits, labels, weight=class_weights)
+    else:
+        loss = loss_function(logits, labels, class_weights)
     backward(loss)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -295,9 +305,15 @@ def train_one_epoch(
     steps, preempted = progress.step, False
     for step, (images, labels) in enumerate(bar):
         logits, loss = training_step(
-            training.model, training.optimizer, transform(images), labels, training.class_weights, accelerator.backward
+            training.model,
+            training.optimizer,
+            transform(images),
+            labels,
+            training.class_weights,
+            accelerator.backward,
+            training.task.loss,
         )
-        totals += batch_totals(logits, labels, training.class_weights)
+        totals += training.task.batch_totals(logits, labels, training.class_weights)
         if step % 20 == 0:  # .item() waits for the device; every step would stall the pipeline
             bar.set_postfix(loss=f"{loss.item():.4f}")
         steps += 1
@@ -396,6 +412,8 @@ def finish_run(
             f"no validation report: the best epoch ran before the resume; for one, run `anemia-dist evaluate "
             f"--checkpoint {run.path / BEST} --data {run.path / SPLITS} --split val`"
         )
+    elif cfg.model.task == "regress":
+        logger.info(f"regression run: for its report, run `anemia-dist evaluate --checkpoint {run.path / BEST}`")
     elif accelerator.is_main_process:
         groups = [s.unit or s.group for s in split.val]  # patients, merged with their duplicate images
         labels, probs, bootstrap = best.val.labels, best.val.probs, cfg.eval.bootstrap
