@@ -79,10 +79,13 @@ class HbPoint:
     intercept: float = 0.0
     interval: float = 0.9
     radius: float = math.inf
+    threshold: float | None = None
+    """data.threshold: the threshold ``predict`` applies to files without a manifest row."""
 
     def to_meta(self) -> dict[str, Any]:
         return {
             "task": REGRESS,
+            "threshold": self.threshold,
             "hb_mean": self.scale.mean,
             "hb_sd": self.scale.sd,
             "positive_class": self.positive_class,
@@ -103,6 +106,7 @@ class HbPoint:
             calibration["intercept"],
             meta.get("interval", 0.9),
             math.inf if radius is None else radius,
+            meta.get("threshold"),
         )
 
     def calibrated(self, predicted: np.ndarray) -> np.ndarray:
@@ -151,6 +155,7 @@ class RegressTask(ClassifyTask):
         self.delta = cfg.optim.huber_delta
         self.positive = positive_index(split.classes, cfg.eval.positive_class)
         self.val_groups = [s.unit or s.group for s in split.val]
+        self.threshold = cfg.data.threshold
 
     def outputs(self) -> int:
         return 1
@@ -182,15 +187,7 @@ class RegressTask(ClassifyTask):
     ) -> RegressionResult:
         """Every validation image's prediction exactly once (``gather_for_metrics``), identical on every
         rank; the loss is the mean Huber loss in SD units, summed in float64 on the host."""
-        model.eval()
-        outputs, targets = [], []
-        transform = device_transform(loader)
-        for images, target in progress_bar(accelerator, loader, "validate"):
-            output = model(transform(images)).float()[:, 0]
-            output, target = accelerator.gather_for_metrics((output, target))
-            outputs.append(output.double())
-            targets.append(target.double())
-        z, target = torch.cat(outputs).cpu(), torch.cat(targets).cpu()
+        z, target = gather_outputs(accelerator, model, loader)
         loss = float(F.huber_loss(z, target[:, 0], delta=self.delta, reduction="sum") / len(z))
         predicted, measured, thresholds = (self.scale.restore(t).numpy() for t in (z, target[:, 0], target[:, 1]))
         truth, decision = measured < thresholds, predicted < thresholds
@@ -203,12 +200,31 @@ class RegressTask(ClassifyTask):
         """val_mae, val_rmse, val_bias and the screening metrics of "predicted < row threshold"; the
         point: recalibration (eval.calibrate) and the conformal radius, fitted on these predictions."""
         slope, intercept = fit_recalibration(val.measured, val.predicted) if self.cfg.eval.calibrate else (1.0, 0.0)
-        point = HbPoint(self.scale, self.classes[self.positive], slope, intercept, self.cfg.eval.interval)
+        point = HbPoint(
+            self.scale, self.classes[self.positive], slope, intercept, self.cfg.eval.interval, threshold=self.threshold
+        )
         calibrated = point.calibrated(val.predicted)
         point.radius = conformal_radius(val.measured - calibrated, self.val_groups, self.cfg.eval.interval)
         table = agreement_table(val.measured, val.predicted, np.ones((1, len(val.measured))))
         errors = {name: float(table[name][0]) for name in ("mae", "rmse", "bias")}
         return point, errors | screening_at(val.measured, val.predicted, val.thresholds)
+
+
+@torch.no_grad()
+def gather_outputs(
+    accelerator: Accelerator, model: torch.nn.Module, loader: DataLoader
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image's single output and its target row, each exactly once and in loader order
+    (``gather_for_metrics`` drops the distributed sampler's padding), float64 on the host."""
+    model.eval()
+    outputs, targets = [], []
+    transform = device_transform(loader)
+    for images, target in progress_bar(accelerator, loader, "validate"):
+        output = model(transform(images)).float()[:, 0]
+        output, target = accelerator.gather_for_metrics((output, target))
+        outputs.append(output.double())
+        targets.append(target.double())
+    return torch.cat(outputs).cpu(), torch.cat(targets).cpu()  # one copy to the host for the whole set
 
 
 def make_task(cfg: Config, split: SplitData) -> ClassifyTask:
