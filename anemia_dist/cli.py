@@ -88,7 +88,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .hb_evaluation import evaluate_hb, is_regression
     from .inference import evaluate
+
+    if is_regression(args.checkpoint):
+        evaluate = evaluate_hb  # model.task=regress: agreement, thresholds, intervals
 
     record = evaluate(args.checkpoint, args.data, args.overrides, args.batch_size, args.out, args.report, args.split)
     if record is not None:
@@ -97,7 +101,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from .hb_evaluation import is_regression, predict_hb, write_hb_predictions
     from .inference import predict, write_predictions
+
+    if is_regression(args.checkpoint):
+        predict, write_predictions = predict_hb, write_hb_predictions  # path, hb, hb_low, hb_high, anemic, error
 
     rows = predict(args.checkpoint, args.inputs, args.batch_size, args.num_workers)
     if args.out:

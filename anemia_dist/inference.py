@@ -53,7 +53,7 @@ def load_best(directory: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild the exported model (``RUN/best``) for inference: eval mode, on the CPU."""
     meta = read_meta(directory)
     arch = ModelConfig(arch=meta["arch"], weights="none", hidden=meta["hidden"], dropout=meta["dropout"])
-    model = build_model(arch, len(meta["classes"]))
+    model = build_model(arch, 1 if meta.get("task") == "regress" else len(meta["classes"]))  # regress: Hb
     model.load_state_dict(load_file(str(Path(directory) / WEIGHTS)))
     return model.eval(), meta
 

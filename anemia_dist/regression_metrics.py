@@ -181,14 +181,15 @@ def interval_coverage(measured: Any, low: Any, high: Any) -> dict[str, float]:
 
 
 def fit_recalibration(measured: Any, predicted: Any) -> tuple[float, float]:
-    """(slope, intercept) that map a prediction to ``slope·predicted + intercept``.
+    """(slope, intercept) that map a prediction to ``slope·predicted + intercept``: the least-squares
+    line of the measurements on the predictions, fitted on validation.
 
-    Fitted on validation by regressing the predictions on the measurements (predicted ≈ a + b·measured)
-    and inverting it, (predicted − a)/b: this undoes the shrinkage towards the mean that
-    regression models show (Suner et al. 2021), unlike the least-squares fit of measured on predicted.
+    Regression models shrink their predictions towards the training mean (Suner et al. 2021); this
+    line stretches them back as far as their correlation with the measurement supports, and, unlike
+    inverting the fit of predictions on measurements, stays bounded when that correlation is weak.
     """
     y, p = np.asarray(measured, dtype=np.float64), np.asarray(predicted, dtype=np.float64)
-    b, a = np.polyfit(y, p, 1)
-    if not np.isfinite(b) or abs(b) < 1e-6:
-        return 1.0, 0.0  # predictions that do not follow the measurement: nothing to undo
-    return float(1.0 / b), float(-a / b)
+    if len(p) < 3 or p.std() < 1e-9:
+        return 1.0, 0.0  # nothing to fit a slope on
+    slope, intercept = np.polyfit(p, y, 1)
+    return float(slope), float(intercept)

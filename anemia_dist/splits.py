@@ -169,6 +169,8 @@ def balanced_class_weights(train: Sequence[Sample], num_classes: int) -> torch.T
 
 
 def split_rows(split: SplitData) -> list[dict[str, str]]:
+    """splits.csv: path, label, group, site, unit, split, and the measure and threshold when the data has them."""
+    measured = any(s.measure is not None for s in split.train + split.val)
     return [
         {
             "path": s.path,
@@ -177,6 +179,7 @@ def split_rows(split: SplitData) -> list[dict[str, str]]:
             "site": s.site,
             "unit": s.unit,
             "split": name,
+            **({"measure": s.measure, "threshold": s.threshold} if measured else {}),
         }
         for name, part in (("train", split.train), ("val", split.val))
         for s in part

@@ -55,6 +55,53 @@ def test_a_regression_run_predicts_hb_better_than_the_training_mean(tmp_path):
     assert meta["hb_mean"] == pytest.approx(values["train"].mean())
     assert meta["hb_sd"] == pytest.approx(values["train"].std())
     assert (run / CURVES).is_file()
+    check_evaluate_and_predict(tmp_path, run, rows[best - 1], manifest)
+
+
+def check_evaluate_and_predict(tmp_path: Path, run: Path, best_row: dict, manifest: Path) -> None:
+    """evaluate on the run's own validation split reproduces the best epoch's numbers; predict writes
+    Hb, its interval and the decision at data.threshold."""
+    out = tmp_path / "eval.json"
+    evaluated = run_cli(
+        "evaluate",
+        "--checkpoint",
+        str(run / BEST),
+        "--data",
+        str(run / SPLITS),
+        "--split",
+        "val",
+        "--out",
+        str(out),
+        "eval.hb_thresholds=[7, 9, 11]",
+        "eval.bootstrap=200",
+    )
+    check(evaluated)
+    record = json.loads(out.read_text())
+    assert record["agreement"]["mae"]["value"] == pytest.approx(best_row["val_mae"], rel=1e-5)
+    assert record["agreement"]["bias"]["value"] == pytest.approx(best_row["val_bias"], rel=1e-5, abs=1e-6)
+    assert set(record["thresholds"]) == {"row threshold", "7 g/dL", "9 g/dL", "11 g/dL"}
+    assert record["thresholds"]["row threshold"]["auroc"]["value"] == pytest.approx(best_row["val_auroc"])
+    for name in ("mae", "rmse", "bias", "loa_low", "loa_high", "pearson_r", "lin_ccc"):
+        entry = record["agreement"][name]
+        assert entry["low"] <= entry["value"] <= entry["high"], name
+    assert 0 <= record["interval"]["coverage"] <= 1 and record["interval"]["mean_width"] > 0
+    report = Path(record["report"]).parent
+    for name in (
+        "report.html",
+        "predictions.csv",
+        "bland_altman.png",
+        "hb_scatter.png",
+        "hb_roc.png",
+        "hb_intervals.png",
+    ):
+        assert (report / name).is_file(), name
+    images = sorted((manifest.parent / "images").glob("*.png"))[:3]
+    predicted = check(run_cli("predict", "--checkpoint", str(run / BEST), *map(str, images)))
+    rows = list(csv.DictReader(predicted.stdout.splitlines()))
+    assert list(rows[0]) == ["path", "hb", "hb_low", "hb_high", "anemic", "error"]
+    for row in rows:
+        hb, low, high = float(row["hb"]), float(row["hb_low"]), float(row["hb_high"])
+        assert low < hb < high and row["anemic"] == str(int(hb < 11)) and row["error"] == ""
 
 
 def test_two_rank_validation_loss_and_mae_equal_one_process(tmp_path):

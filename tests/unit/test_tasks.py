@@ -79,7 +79,7 @@ def test_epoch_metrics_report_errors_and_calibrate_fits_a_linear_recalibration()
     fitted, _ = RegressTask(regress("data.threshold=11", "eval.calibrate=true"), split).epoch_metrics(
         validation(measured, predicted)
     )
-    assert fitted.slope == pytest.approx(2.0, rel=0.1)
+    assert fitted.slope == pytest.approx(2.0, rel=0.1)  # little noise: least squares stretches by about 1/0.5
     assert np.abs(fitted.calibrated(predicted) - measured).mean() < np.abs(predicted - measured).mean()
     assert fitted.radius < plain.radius  # the recalibrated residuals are smaller
     meta = fitted.to_meta()

@@ -1,0 +1,233 @@
+"""``evaluate`` and ``predict`` for a haemoglobin model (``model.task=regress``).
+
+The scale, the recalibration and the conformal interval radius come from ``best/meta.json``,
+fitted on the run's validation split; nothing is re-tuned on the data at hand. ``evaluate`` runs
+on 1..N processes with the same numbers (every image's prediction is gathered exactly once).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .config import Config, parse_override
+from .datasets import Retargeted
+from .errors import ConfigError, DataError
+from .hb_figures import (
+    BLAND_ALTMAN,
+    HB_INTERVALS,
+    HB_ROC,
+    HB_SCATTER,
+    plot_bland_altman,
+    plot_hb_roc,
+    plot_hb_scatter,
+    plot_intervals,
+    write_hb_page,
+)
+from .inference import ReadOrReport, default_report_dir, evaluation_config, find_images, load_best, model_inputs
+from .metrics import CONFIDENCE, json_ready
+from .regression_metrics import agreement, at_threshold, interval_coverage
+from .run_dir import META, PREDICTIONS
+from .sources import Sample, load_source
+from .tasks import REGRESS, HbPoint, gather_outputs
+
+RULE = "row threshold"
+"""The name of the per-row threshold (data.threshold/threshold_column/threshold_rules) in reports."""
+SPLIT_COLUMNS = {"data.measure_column": "measure", "data.threshold_column": "threshold"}
+"""Columns of a regression run's splits.csv, read when --data is that file and no measure column is given."""
+PREDICTION_COLUMNS = ["path", "hb", "hb_low", "hb_high", "anemic", "error"]
+
+
+def is_regression(checkpoint_dir: str | Path) -> bool:
+    path = Path(checkpoint_dir) / META
+    return path.is_file() and json.loads(path.read_text()).get("task") == REGRESS
+
+
+def load_hb_model(checkpoint_dir: str | Path) -> tuple[torch.nn.Module, dict[str, Any], HbPoint]:
+    model, meta = load_best(checkpoint_dir)
+    model.to(memory_format=torch.channels_last)
+    return model, meta, HbPoint.from_meta(meta)
+
+
+def hb_config(data: str | Path, overrides: Sequence[str]) -> tuple[Config, list[float]]:
+    """The data settings (as for ``evaluate``) and ``eval.hb_thresholds``; a run's splits.csv is read
+    with its measure and threshold columns unless data.measure_column says otherwise."""
+    cut_offs: list[float] = []
+    rest = []
+    for override in overrides:
+        key, value = parse_override(override)
+        if key == "eval.hb_thresholds":
+            cut_offs = [float(v) for v in (value or [])]
+        else:
+            rest.append(override)
+    cfg = evaluation_config(data, rest)
+    if cfg.data.measure_column is None and cfg.data.manifest is not None:
+        with open(cfg.data.manifest, newline="", encoding="utf-8-sig") as handle:
+            header = next(csv.reader(handle), [])
+        if all(column in header for column in SPLIT_COLUMNS.values()):
+            cfg.data = dataclasses.replace(cfg.data, measure_column="measure", threshold_column="threshold")
+    if cfg.data.measure_column is None:
+        raise ConfigError(
+            "data.measure_column: a regression model is evaluated against measurements; name the manifest's "
+            "Hb column and its threshold (data.threshold, data.threshold_column or data.threshold_rules)"
+        )
+    return cfg, cut_offs
+
+
+def hb_record(
+    samples: Sequence[Sample], predicted: np.ndarray, point: HbPoint, cut_offs: Sequence[float], resamples: int
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Agreement, per-threshold screening and interval coverage, with 95 % intervals (bootstrap over
+    patients); also the thresholds used, by name."""
+    measured = np.array([s.measure for s in samples], dtype=np.float64)
+    groups = [s.group for s in samples]
+    thresholds = {RULE: np.array([s.threshold for s in samples], dtype=np.float64)}
+    thresholds |= {f"{cut:g} g/dL": np.full(len(samples), cut) for cut in cut_offs}
+    low, high = predicted - point.radius, predicted + point.radius
+    record = {
+        "task": REGRESS,
+        "n": len(samples),
+        "n_patients": len(set(groups)),
+        "agreement": agreement(measured, predicted, groups, resamples),
+        "thresholds": {name: at_threshold(measured, predicted, t, groups, resamples) for name, t in thresholds.items()},
+        "interval": {"target": point.interval, "radius": point.radius, **interval_coverage(measured, low, high)},
+        "calibration": {"slope": point.slope, "intercept": point.intercept},
+        "confidence_level": CONFIDENCE,
+        "bootstrap_resamples": resamples,
+        "bias_definition": "predicted − measured, g/dL",
+    }
+    return json_ready(record), thresholds
+
+
+def evaluate_hb(
+    checkpoint_dir: str | Path,
+    data: str | Path,
+    overrides: Sequence[str] = (),
+    batch_size: int = 64,
+    out: str | Path | None = None,
+    report_dir: str | Path | None = None,
+    split: str | None = None,
+) -> dict[str, Any] | None:
+    """The regression counterpart of :func:`anemia_dist.inference.evaluate`; the record on the main process."""
+    cfg, cut_offs = hb_config(data, overrides)
+    accelerator = Accelerator()
+    model, meta, point = load_hb_model(checkpoint_dir)
+    samples, _ = load_source(cfg.data.root, cfg.data.manifest, meta["classes"], cfg.data.group_column, cfg.data)
+    samples = [s for s in samples if split is None or s.split == split]
+    unusable = [s.path for s in samples if not Path(s.path).is_file() or math.isnan(s.measure)]
+    if unusable or not samples:
+        raise DataError(f"{data}: {len(unusable)} row(s) without an image file or a measurement: {unusable[:20]}")
+    targets = torch.tensor([[s.measure, s.threshold] for s in samples], dtype=torch.float64)
+    loader = DataLoader(Retargeted(model_inputs(samples, meta, cfg.data.cache_dir), targets), batch_size=batch_size)
+    model = accelerator.prepare_model(model, evaluation_mode=True)
+    z, _ = gather_outputs(accelerator, model, accelerator.prepare_data_loader(loader))
+    record = None
+    if accelerator.is_main_process:
+        predicted = point.calibrated(point.scale.restore(z).numpy())
+        record, thresholds = hb_record(samples, predicted, point, cut_offs, cfg.eval.bootstrap)
+        record = {"checkpoint": str(checkpoint_dir), "data": str(data), **record}
+        report = Path(report_dir) if report_dir else default_report_dir(out)
+        record["report"] = str(write_hb_report(report, samples, predicted, point, record, thresholds))
+        if out is not None:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            Path(out).write_text(json.dumps(record, indent=2) + "\n")
+    accelerator.wait_for_everyone()
+    return record
+
+
+def write_hb_report(
+    directory: Path,
+    samples: Sequence[Sample],
+    predicted: np.ndarray,
+    point: HbPoint,
+    record: dict[str, Any],
+    thresholds: dict[str, np.ndarray],
+) -> Path:
+    """predictions.csv, the four figures and report.html in ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    measured = np.array([s.measure for s in samples], dtype=np.float64)
+    with (directory / PREDICTIONS).open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "group", "measured", "threshold", "hb", "hb_low", "hb_high", "anemic"])
+        for sample, hb in zip(samples, predicted, strict=True):
+            bounds = bounds_text(hb, point.radius)
+            anemic = int(hb < sample.threshold)
+            writer.writerow([sample.path, sample.group, sample.measure, sample.threshold, f"{hb:.3f}", *bounds, anemic])
+    cut_offs = sorted({float(t) for values in thresholds.values() for t in np.unique(values)})
+    plot_bland_altman(measured, predicted, record, directory / BLAND_ALTMAN)
+    plot_hb_scatter(measured, predicted, cut_offs, record, directory / HB_SCATTER)
+    plot_hb_roc(measured, predicted, thresholds, record, directory / HB_ROC)
+    plot_intervals(measured, predicted, point.radius, record, directory / HB_INTERVALS)
+    notes = [
+        f"Model: {record['checkpoint']}. Scale, recalibration (slope {point.slope:.3f}, intercept "
+        f"{point.intercept:.3f}) and the {point.interval:.0%} interval radius {point.radius:.3f} g/dL were fixed "
+        "on the validation split during training, not tuned on this data.",
+        f"Anemic: predicted Hb < the row's threshold ({RULE}); other rows: fixed cut-offs from eval.hb_thresholds.",
+        "Intervals: 95 % percentile bootstrap over patients.",
+    ]
+    return write_hb_page(directory, f"Haemoglobin evaluation on {Path(record['data']).name}", record, notes)
+
+
+def bounds_text(hb: float, radius: float) -> tuple[str, str]:
+    """The interval hb ± radius as CSV text; blank when validation was too small for the coverage."""
+    return (f"{hb - radius:.3f}", f"{hb + radius:.3f}") if math.isfinite(radius) else ("", "")
+
+
+# --------------------------------------------------------------------------- predict
+
+
+@torch.no_grad()
+def predict_hb(
+    checkpoint_dir: str | Path, inputs: Sequence[str | Path], batch_size: int = 64, num_workers: int = 4
+) -> list[dict[str, Any]]:
+    """One row per file: predicted Hb, its interval, anemic at the run's data.threshold (blank when the
+    run used per-row thresholds: those need a manifest, so use ``evaluate``), or the read error."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("predict runs in one process; start it without accelerate launch")
+    model, meta, point = load_hb_model(checkpoint_dir)
+    paths = find_images(inputs)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    images = model_inputs([Sample(str(p), 0, str(p)) for p in paths], meta)
+    loader = DataLoader(ReadOrReport(images, meta["image_size"]), batch_size=batch_size, num_workers=num_workers)
+    outputs, errors = [], []
+    for batch, batch_errors in tqdm(loader, desc="predict", file=sys.stderr):
+        outputs.append(model(images.batch_transform(batch.to(device))).float()[:, 0].cpu())
+        errors += batch_errors
+    predicted = point.calibrated(point.scale.restore(torch.cat(outputs)).numpy())
+    rows = []
+    for path, hb, error in zip(paths, predicted, errors, strict=True):
+        if error:
+            rows.append({"path": str(path), "hb": "", "hb_low": "", "hb_high": "", "anemic": "", "error": error})
+            continue
+        low, high = bounds_text(hb, point.radius)
+        rows.append(
+            {
+                "path": str(path),
+                "hb": f"{hb:.3f}",
+                "hb_low": low,
+                "hb_high": high,
+                "anemic": "" if point.threshold is None else int(hb < point.threshold),
+                "error": "",
+            }
+        )
+    return rows
+
+
+def write_hb_predictions(rows: Sequence[dict[str, Any]], handle: TextIO) -> None:
+    writer = csv.DictWriter(handle, fieldnames=PREDICTION_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
