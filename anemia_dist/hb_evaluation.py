@@ -62,9 +62,10 @@ def load_hb_model(checkpoint_dir: str | Path) -> tuple[torch.nn.Module, dict[str
     return model, meta, HbPoint.from_meta(meta)
 
 
-def hb_config(data: str | Path, overrides: Sequence[str]) -> tuple[Config, list[float]]:
+def hb_config(data: str | Path, overrides: Sequence[str], meta: dict[str, Any]) -> tuple[Config, list[float]]:
     """The data settings (as for ``evaluate``) and ``eval.hb_thresholds``; a run's splits.csv is read
-    with its measure and threshold columns unless data.measure_column says otherwise."""
+    with its measure and threshold columns unless data.measure_column says otherwise. Rows below
+    their threshold get the model's positive class, the others its other class."""
     cut_offs: list[float] = []
     rest = []
     for override in overrides:
@@ -79,6 +80,9 @@ def hb_config(data: str | Path, overrides: Sequence[str]) -> tuple[Config, list[
             header = next(csv.reader(handle), [])
         if all(column in header for column in SPLIT_COLUMNS.values()):
             cfg.data = dataclasses.replace(cfg.data, measure_column="measure", threshold_column="threshold")
+    positive = meta["positive_class"]
+    other = next(c for c in meta["classes"] if c != positive)
+    cfg.data = dataclasses.replace(cfg.data, below_label=positive, above_label=other)
     if cfg.data.measure_column is None:
         raise ConfigError(
             "data.measure_column: a regression model is evaluated against measurements; name the manifest's "
@@ -122,9 +126,9 @@ def evaluate_hb(
     split: str | None = None,
 ) -> dict[str, Any] | None:
     """The regression counterpart of :func:`anemia_dist.inference.evaluate`; the record on the main process."""
-    cfg, cut_offs = hb_config(data, overrides)
-    accelerator = Accelerator()
     model, meta, point = load_hb_model(checkpoint_dir)
+    cfg, cut_offs = hb_config(data, overrides, meta)
+    accelerator = Accelerator()
     samples, _ = load_source(cfg.data.root, cfg.data.manifest, meta["classes"], cfg.data.group_column, cfg.data)
     samples = [s for s in samples if split is None or s.split == split]
     unusable = [s.path for s in samples if not Path(s.path).is_file() or math.isnan(s.measure)]

@@ -144,3 +144,26 @@ def test_a_resumed_regression_run_reproduces_the_uninterrupted_run(tmp_path):
             assert got[key] == pytest.approx(want[key], rel=1e-6), (got["epoch"], key)
         assert got["lr"] == want["lr"] and got["unfrozen"] == want["unfrozen"]
     assert reference[2]["unfrozen"] == ["layer4"]  # the resumed part unfreezes
+
+
+def test_cp_anemic_regression_run_end_to_end(tmp_path, cp_anemic):
+    """HB_LEVEL as the target on the real data (tiny model, one epoch), then its evaluation."""
+    runs, sheet = tmp_path / "runs", cp_anemic / "Anemia_Data_Collection_Sheet.csv"
+    args = [*TINY, "model.task=regress", f"data.manifest={sheet}", "train.epochs=1", "train.batch_size=32"]
+    trained = check(run_cli("train", "--config", "cp_anemic", *args, f"run.output_dir={runs}", "run.name=cp"))
+    assert "duplicate groups with different measurements" in trained.stdout
+    run = runs / "cp"
+    audit = json.loads((run / "audit.json").read_text())
+    assert len(audit["conflicting_measurement_groups"]) > 0  # identical photos listed with different Hb
+    (row,) = read_metrics(run)
+    assert row["val_mae"] > 0 and 0 <= row["val_auroc"] <= 1
+    out = tmp_path / "cp.json"
+    check(
+        run_cli(
+            "evaluate", "--checkpoint", str(run / BEST), "--data", str(run / SPLITS), "--split", "val",
+            "--out", str(out), "eval.hb_thresholds=[7, 9, 11]", "eval.bootstrap=200",
+        )
+    )  # fmt: skip
+    record = json.loads(out.read_text())
+    assert record["n"] == 123 and record["agreement"]["mae"]["value"] == pytest.approx(row["val_mae"], rel=1e-5)
+    assert record["thresholds"]["7 g/dL"]["measured_below"]["value"] > 0
