@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
@@ -26,26 +25,12 @@ from tqdm.auto import tqdm
 from .config import Config, parse_override
 from .datasets import Retargeted
 from .errors import ConfigError, DataError
-from .hb_figures import (
-    BLAND_ALTMAN,
-    HB_INTERVALS,
-    HB_ROC,
-    HB_SCATTER,
-    plot_bland_altman,
-    plot_hb_roc,
-    plot_hb_scatter,
-    plot_intervals,
-    write_hb_page,
-)
+from .hb_report import bounds_text, hb_record, write_hb_report
 from .inference import ReadOrReport, default_report_dir, evaluation_config, find_images, load_best, model_inputs
-from .metrics import CONFIDENCE, json_ready
-from .regression_metrics import agreement, at_threshold, interval_coverage
-from .run_dir import META, PREDICTIONS
+from .run_dir import META
 from .sources import Sample, load_source
 from .tasks import REGRESS, HbPoint, gather_outputs
 
-RULE = "row threshold"
-"""The name of the per-row threshold (data.threshold/threshold_column/threshold_rules) in reports."""
 SPLIT_COLUMNS = {"data.measure_column": "measure", "data.threshold_column": "threshold"}
 """Columns of a regression run's splits.csv, read when --data is that file and no measure column is given."""
 PREDICTION_COLUMNS = ["path", "hb", "hb_low", "hb_high", "anemic", "error"]
@@ -91,31 +76,6 @@ def hb_config(data: str | Path, overrides: Sequence[str], meta: dict[str, Any]) 
     return cfg, cut_offs
 
 
-def hb_record(
-    samples: Sequence[Sample], predicted: np.ndarray, point: HbPoint, cut_offs: Sequence[float], resamples: int
-) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Agreement, per-threshold screening and interval coverage, with 95 % intervals (bootstrap over
-    patients); also the thresholds used, by name."""
-    measured = np.array([s.measure for s in samples], dtype=np.float64)
-    groups = [s.group for s in samples]
-    thresholds = {RULE: np.array([s.threshold for s in samples], dtype=np.float64)}
-    thresholds |= {f"{cut:g} g/dL": np.full(len(samples), cut) for cut in cut_offs}
-    low, high = predicted - point.radius, predicted + point.radius
-    record = {
-        "task": REGRESS,
-        "n": len(samples),
-        "n_patients": len(set(groups)),
-        "agreement": agreement(measured, predicted, groups, resamples),
-        "thresholds": {name: at_threshold(measured, predicted, t, groups, resamples) for name, t in thresholds.items()},
-        "interval": {"target": point.interval, "radius": point.radius, **interval_coverage(measured, low, high)},
-        "calibration": {"slope": point.slope, "intercept": point.intercept},
-        "confidence_level": CONFIDENCE,
-        "bootstrap_resamples": resamples,
-        "bias_definition": "predicted − measured, g/dL",
-    }
-    return json_ready(record), thresholds
-
-
 def evaluate_hb(
     checkpoint_dir: str | Path,
     data: str | Path,
@@ -150,44 +110,6 @@ def evaluate_hb(
             Path(out).write_text(json.dumps(record, indent=2) + "\n")
     accelerator.wait_for_everyone()
     return record
-
-
-def write_hb_report(
-    directory: Path,
-    samples: Sequence[Sample],
-    predicted: np.ndarray,
-    point: HbPoint,
-    record: dict[str, Any],
-    thresholds: dict[str, np.ndarray],
-) -> Path:
-    """predictions.csv, the four figures and report.html in ``directory``."""
-    directory.mkdir(parents=True, exist_ok=True)
-    measured = np.array([s.measure for s in samples], dtype=np.float64)
-    with (directory / PREDICTIONS).open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "group", "measured", "threshold", "hb", "hb_low", "hb_high", "anemic"])
-        for sample, hb in zip(samples, predicted, strict=True):
-            bounds = bounds_text(hb, point.radius)
-            anemic = int(hb < sample.threshold)
-            writer.writerow([sample.path, sample.group, sample.measure, sample.threshold, f"{hb:.3f}", *bounds, anemic])
-    cut_offs = sorted({float(t) for values in thresholds.values() for t in np.unique(values)})
-    plot_bland_altman(measured, predicted, record, directory / BLAND_ALTMAN)
-    plot_hb_scatter(measured, predicted, cut_offs, record, directory / HB_SCATTER)
-    plot_hb_roc(measured, predicted, thresholds, record, directory / HB_ROC)
-    plot_intervals(measured, predicted, point.radius, record, directory / HB_INTERVALS)
-    notes = [
-        f"Model: {record['checkpoint']}. Scale, recalibration (slope {point.slope:.3f}, intercept "
-        f"{point.intercept:.3f}) and the {point.interval:.0%} interval radius {point.radius:.3f} g/dL were fixed "
-        "on the validation split during training, not tuned on this data.",
-        f"Anemic: predicted Hb < the row's threshold ({RULE}); other rows: fixed cut-offs from eval.hb_thresholds.",
-        "Intervals: 95 % percentile bootstrap over patients.",
-    ]
-    return write_hb_page(directory, f"Haemoglobin evaluation on {Path(record['data']).name}", record, notes)
-
-
-def bounds_text(hb: float, radius: float) -> tuple[str, str]:
-    """The interval hb ± radius as CSV text; blank when validation was too small for the coverage."""
-    return (f"{hb - radius:.3f}", f"{hb + radius:.3f}") if math.isfinite(radius) else ("", "")
 
 
 # --------------------------------------------------------------------------- predict

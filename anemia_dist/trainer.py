@@ -34,6 +34,7 @@ from .distributed import broadcast_from_main, rewrap_after_unfreeze
 from .early_stopping import EarlyStopping
 from .errors import ConfigError
 from .figures import plot_curves
+from .hb_report import write_validation_hb_report
 from .metrics import OperatingPoint, positive_index, require_both_classes
 from .model import build_model, freeze_backbone, optimizer_param_groups, set_train_mode, trainable_stages, unfreeze
 from .preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionWatcher
@@ -413,7 +414,9 @@ def finish_run(
             f"--checkpoint {run.path / BEST} --data {run.path / SPLITS} --split val`"
         )
     elif cfg.model.task == "regress":
-        logger.info(f"regression run: for its report, run `anemia-dist evaluate --checkpoint {run.path / BEST}`")
+        if accelerator.is_main_process:
+            report = run.path / REPORT
+            write_validation_hb_report(report, split.val, best.val.predicted, best.point, cfg.eval, stopper.best_epoch)
     elif accelerator.is_main_process:
         groups = [s.unit or s.group for s in split.val]  # patients, merged with their duplicate images
         labels, probs, bootstrap = best.val.labels, best.val.probs, cfg.eval.bootstrap

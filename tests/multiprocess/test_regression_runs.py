@@ -12,7 +12,7 @@ import pytest
 from helpers import TINY, check, launch, run_cli, script
 
 from anemia_dist.demo import make_synthetic_dataset
-from anemia_dist.run_dir import BEST, CURVES, SPLITS, SUMMARY, read_metrics
+from anemia_dist.run_dir import BEST, CURVES, REPORT, SPLITS, SUMMARY, VALIDATION, read_metrics
 
 pytestmark = pytest.mark.multiprocess
 
@@ -55,6 +55,9 @@ def test_a_regression_run_predicts_hb_better_than_the_training_mean(tmp_path):
     assert meta["hb_mean"] == pytest.approx(values["train"].mean())
     assert meta["hb_sd"] == pytest.approx(values["train"].std())
     assert (run / CURVES).is_file()
+    validation = json.loads((run / REPORT / VALIDATION).read_text())  # the best epoch's report, at the end
+    assert validation["agreement"]["mae"]["value"] == pytest.approx(best_mae, rel=1e-6)
+    assert (run / REPORT / "bland_altman.png").is_file()
     check_evaluate_and_predict(tmp_path, run, rows[best - 1], manifest)
 
 
