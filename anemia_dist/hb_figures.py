@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -102,18 +103,23 @@ def plot_intervals(measured: np.ndarray, predicted: np.ndarray, radius: float, r
     figure, axis = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
     order = np.argsort(measured, kind="stable")
     x = np.arange(len(order))
-    inside = np.abs(measured - predicted)[order] <= radius
-    for covered, colour in ((True, "tab:blue"), (False, "tab:red")):
-        chosen = inside == covered
-        centre = predicted[order][chosen]
-        axis.vlines(x[chosen], centre - radius, centre + radius, colour, alpha=0.5)
-    axis.scatter(x, measured[order], s=8, color="black", label="measured", zorder=3)
     coverage = result["interval"]
+    if math.isfinite(radius):
+        inside = np.abs(measured - predicted)[order] <= radius
+        for covered, colour in ((True, "tab:blue"), (False, "tab:red")):
+            chosen = inside == covered
+            centre = predicted[order][chosen]
+            axis.vlines(x[chosen], centre - radius, centre + radius, colour, alpha=0.5)
+        title = (
+            f"{coverage['target']:.0%} intervals: coverage {coverage['coverage']:.1%}, mean width "
+            f"{coverage['mean_width']:.2f} g/dL (red: missed)"
+        )
+    else:
+        title = f"no {coverage['target']:.0%} intervals: too few validation patients to calibrate them"
+    axis.scatter(x, predicted[order], s=8, color="tab:blue", label="predicted", zorder=2)
+    axis.scatter(x, measured[order], s=8, color="black", label="measured", zorder=3)
     axis.set(xlabel="images, by measured Hb", ylabel="Hb (g/dL)")
-    axis.set_title(
-        f"{coverage['target']:.0%} intervals: coverage {coverage['coverage']:.1%}, mean width "
-        f"{coverage['mean_width']:.2f} g/dL (red: missed)"
-    )
+    axis.set_title(title)
     axis.legend(fontsize=8)
     figure.savefig(path, dpi=110)
     plt.close(figure)

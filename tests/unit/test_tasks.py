@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -93,3 +94,18 @@ def test_classify_is_untouched_by_the_task_layer():
     split = SplitData([Sample("a.png", 0, "a")], [Sample("b.png", 1, "b")], ["anemic", "non-anemic"])
     task = make_task(cfg, split)
     assert type(task) is ClassifyTask and task.outputs() == 2 and task.targets(split) is None
+
+
+def test_the_validation_report_is_written_also_when_too_few_patients_give_no_interval(tmp_path):
+    from anemia_dist.hb_report import write_validation_hb_report
+
+    samples = [sample(i, hb, 11.0) for i, hb in enumerate([9.0, 10.5, 11.5, 12.0, 13.0])]
+    point = HbPoint(
+        RegressTask(regress("data.threshold=11"), SplitData(samples, samples, ["anemic", "non-anemic"])).scale, "anemic"
+    )
+    cfg = regress("data.threshold=11", "eval.hb_thresholds=[9]", "eval.bootstrap=100").eval
+    page = write_validation_hb_report(tmp_path, samples, np.array([9.5, 10.0, 11.8, 11.9, 12.5]), point, cfg, 3)
+    assert page.is_file() and (tmp_path / "hb_intervals.png").is_file()
+    record = json.loads((tmp_path / "validation.json").read_text())
+    assert record["interval"]["radius"] is None and set(record["thresholds"]) == {"row threshold", "9 g/dL"}
+    assert record["agreement"]["mae"]["value"] == pytest.approx(np.mean([0.5, 0.5, 0.3, 0.1, 0.5]))
