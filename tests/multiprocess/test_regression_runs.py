@@ -65,19 +65,11 @@ def check_evaluate_and_predict(tmp_path: Path, run: Path, best_row: dict, manife
     """evaluate on the run's own validation split reproduces the best epoch's numbers; predict writes
     Hb, its interval and the decision at data.threshold."""
     out = tmp_path / "eval.json"
-    evaluated = run_cli(
-        "evaluate",
-        "--checkpoint",
-        str(run / BEST),
-        "--data",
-        str(run / SPLITS),
-        "--split",
-        "val",
-        "--out",
-        str(out),
-        "eval.hb_thresholds=[7, 9, 11]",
-        "eval.bootstrap=200",
-    )
+    evaluated = launch(  # 2 processes: the same numbers as the 1-process training's validation
+        ["-m", "anemia_dist", "evaluate", "--checkpoint", str(run / BEST), "--data", str(run / SPLITS),
+         "--split", "val", "--out", str(out), "--batch-size", "5", "eval.hb_thresholds=[7, 9, 11]",
+         "eval.bootstrap=200"],
+    )  # fmt: skip
     check(evaluated)
     record = json.loads(out.read_text())
     assert record["agreement"]["mae"]["value"] == pytest.approx(best_row["val_mae"], rel=1e-5)
