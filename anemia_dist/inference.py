@@ -63,6 +63,8 @@ def load_best(directory: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
 def load_model(directory: str | Path) -> tuple[torch.nn.Module, dict[str, Any], OperatingPoint]:
     """The exported model, its meta.json and its operating point, ready for the inputs of :func:`model_inputs`."""
     model, meta = load_best(directory)
+    if meta.get("task") == "regress":
+        raise ConfigError(f"{directory}: a haemoglobin model; use anemia_dist.hb_evaluation (the CLI does)")
     model.to(memory_format=torch.channels_last)  # the layout of model_inputs' batches, as in training
     return model, meta, OperatingPoint.from_meta(meta, str(Path(directory) / META))
 
