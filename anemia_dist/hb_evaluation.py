@@ -29,10 +29,9 @@ from .hb_report import bounds_text, hb_record, write_hb_report
 from .inference import ReadOrReport, default_report_dir, evaluation_config, find_images, load_best, model_inputs
 from .run_dir import META
 from .sources import Sample, load_source
+from .splits import MEASURE_COLUMN, THRESHOLD_COLUMN
 from .tasks import REGRESS, HbPoint, gather_outputs
 
-SPLIT_COLUMNS = {"data.measure_column": "measure", "data.threshold_column": "threshold"}
-"""Columns of a regression run's splits.csv, read when --data is that file and no measure column is given."""
 PREDICTION_COLUMNS = ["path", "hb", "hb_low", "hb_high", "anemic", "error"]
 
 
@@ -63,8 +62,8 @@ def hb_config(data: str | Path, overrides: Sequence[str], meta: dict[str, Any]) 
     if cfg.data.measure_column is None and cfg.data.manifest is not None:
         with open(cfg.data.manifest, newline="", encoding="utf-8-sig") as handle:
             header = next(csv.reader(handle), [])
-        if all(column in header for column in SPLIT_COLUMNS.values()):
-            cfg.data = dataclasses.replace(cfg.data, measure_column="measure", threshold_column="threshold")
+        if MEASURE_COLUMN in header and THRESHOLD_COLUMN in header:  # a run's splits.csv
+            cfg.data = dataclasses.replace(cfg.data, measure_column=MEASURE_COLUMN, threshold_column=THRESHOLD_COLUMN)
     positive = meta["positive_class"]
     other = next(c for c in meta["classes"] if c != positive)
     cfg.data = dataclasses.replace(cfg.data, below_label=positive, above_label=other)

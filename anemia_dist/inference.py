@@ -34,6 +34,7 @@ from .model import build_model
 from .report import write_report
 from .run_dir import META, PREDICTIONS, WEIGHTS, read_metrics
 from .sources import Sample, find_image_files, load_source
+from .tasks import REGRESS
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 from .validation import validate
 
@@ -54,7 +55,7 @@ def load_best(directory: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild the exported model (``RUN/best``) for inference: eval mode, on the CPU."""
     meta = read_meta(directory)
     arch = ModelConfig(arch=meta["arch"], weights="none", hidden=meta["hidden"], dropout=meta["dropout"])
-    outputs = 1 if meta.get("task") == "regress" else len(meta["classes"])  # regress: Hb
+    outputs = 1 if meta.get("task") == REGRESS else len(meta["classes"])  # regress: Hb
     model = build_model(arch, outputs, meta["image_size"])
     model.load_state_dict(load_file(str(Path(directory) / WEIGHTS)))
     return model.eval(), meta
@@ -63,7 +64,7 @@ def load_best(directory: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
 def load_model(directory: str | Path) -> tuple[torch.nn.Module, dict[str, Any], OperatingPoint]:
     """The exported model, its meta.json and its operating point, ready for the inputs of :func:`model_inputs`."""
     model, meta = load_best(directory)
-    if meta.get("task") == "regress":
+    if meta.get("task") == REGRESS:
         raise ConfigError(f"{directory}: a haemoglobin model; use anemia_dist.hb_evaluation (the CLI does)")
     model.to(memory_format=torch.channels_last)  # the layout of model_inputs' batches, as in training
     return model, meta, OperatingPoint.from_meta(meta, str(Path(directory) / META))

@@ -168,6 +168,10 @@ def balanced_class_weights(train: Sequence[Sample], num_classes: int) -> torch.T
     return torch.tensor(weights, dtype=torch.float32)
 
 
+MEASURE_COLUMN, THRESHOLD_COLUMN = "measure", "threshold"
+"""splits.csv's columns for each sample's measurement and threshold, when the data has them."""
+
+
 def split_rows(split: SplitData) -> list[dict[str, str]]:
     """splits.csv: path, label, group, site, unit, split, and the measure and threshold when the data has them."""
     measured = any(s.measure is not None for s in split.train + split.val)
@@ -179,7 +183,7 @@ def split_rows(split: SplitData) -> list[dict[str, str]]:
             "site": s.site,
             "unit": s.unit,
             "split": name,
-            **({"measure": s.measure, "threshold": s.threshold} if measured else {}),
+            **({MEASURE_COLUMN: s.measure, THRESHOLD_COLUMN: s.threshold} if measured else {}),
         }
         for name, part in (("train", split.train), ("val", split.val))
         for s in part

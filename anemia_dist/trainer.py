@@ -62,7 +62,7 @@ from .run_dir import (
     RunDirectory,
 )
 from .splits import SplitData, balanced_class_weights, build_split_on_main, describe_split, excluded_rows, split_rows
-from .tasks import ClassifyTask, make_task
+from .tasks import REGRESS, ClassifyTask, make_task
 from .validation import ValidationResult
 
 logger = get_logger(__name__)
@@ -429,7 +429,7 @@ def finish_run(
             f"no validation report: the best epoch ran before the resume; for one, run `anemia-dist evaluate "
             f"--checkpoint {run.path / BEST} --data {run.path / SPLITS} --split val`"
         )
-    elif cfg.model.task == "regress":
+    elif cfg.model.task == REGRESS:
         if accelerator.is_main_process:
             report = run.path / REPORT
             write_validation_hb_report(report, split.val, best.val.predicted, best.point, cfg.eval, stopper.best_epoch)
