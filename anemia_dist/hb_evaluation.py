@@ -50,7 +50,7 @@ def hb_config(data: str | Path, overrides: Sequence[str], meta: dict[str, Any]) 
     """The data settings (as for ``evaluate``) and ``eval.hb_thresholds``; a run's splits.csv is read
     with its measure and threshold columns unless data.measure_column says otherwise. Rows below
     their threshold get the model's positive class, the others its other class."""
-    cut_offs: list[float] = []
+    cut_offs = list(meta.get("hb_thresholds", []))  # the run's eval.hb_thresholds, unless overridden
     rest = []
     for override in overrides:
         key, value = parse_override(override)

@@ -81,11 +81,14 @@ class HbPoint:
     radius: float = math.inf
     threshold: float | None = None
     """data.threshold: the threshold ``predict`` applies to files without a manifest row."""
+    cut_offs: tuple[float, ...] = ()
+    """eval.hb_thresholds: the severity cut-offs every report adds (``evaluate`` may override them)."""
 
     def to_meta(self) -> dict[str, Any]:
         return {
             "task": REGRESS,
             "threshold": self.threshold,
+            "hb_thresholds": list(self.cut_offs),
             "hb_mean": self.scale.mean,
             "hb_sd": self.scale.sd,
             "positive_class": self.positive_class,
@@ -107,6 +110,7 @@ class HbPoint:
             meta.get("interval", 0.9),
             math.inf if radius is None else radius,
             meta.get("threshold"),
+            tuple(meta.get("hb_thresholds", ())),
         )
 
     def calibrated(self, predicted: np.ndarray) -> np.ndarray:
@@ -201,7 +205,13 @@ class RegressTask(ClassifyTask):
         point: recalibration (eval.calibrate) and the conformal radius, fitted on these predictions."""
         slope, intercept = fit_recalibration(val.measured, val.predicted) if self.cfg.eval.calibrate else (1.0, 0.0)
         point = HbPoint(
-            self.scale, self.classes[self.positive], slope, intercept, self.cfg.eval.interval, threshold=self.threshold
+            self.scale,
+            self.classes[self.positive],
+            slope,
+            intercept,
+            self.cfg.eval.interval,
+            threshold=self.threshold,
+            cut_offs=tuple(self.cfg.eval.hb_thresholds),
         )
         calibrated = point.calibrated(val.predicted)
         point.radius = conformal_radius(val.measured - calibrated, self.val_groups, self.cfg.eval.interval)

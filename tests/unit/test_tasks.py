@@ -77,9 +77,8 @@ def test_epoch_metrics_report_errors_and_calibrate_fits_a_linear_recalibration()
     assert columns["mae"] == pytest.approx(np.abs(predicted - measured).mean())
     assert columns["bias"] == pytest.approx((predicted - measured).mean())
     assert (plain.slope, plain.intercept) == (1.0, 0.0) and math.isfinite(plain.radius)
-    fitted, _ = RegressTask(regress("data.threshold=11", "eval.calibrate=true"), split).epoch_metrics(
-        validation(measured, predicted)
-    )
+    calibrating = regress("data.threshold=11", "eval.calibrate=true", "eval.hb_thresholds=[7, 9]")
+    fitted, _ = RegressTask(calibrating, split).epoch_metrics(validation(measured, predicted))
     assert fitted.slope == pytest.approx(2.0, rel=0.1)  # little noise: least squares stretches by about 1/0.5
     assert np.abs(fitted.calibrated(predicted) - measured).mean() < np.abs(predicted - measured).mean()
     assert fitted.radius < plain.radius  # the recalibrated residuals are smaller
@@ -87,6 +86,7 @@ def test_epoch_metrics_report_errors_and_calibrate_fits_a_linear_recalibration()
     assert meta["task"] == "regress" and meta["threshold"] == 11.0
     again = HbPoint.from_meta(meta)
     assert again.slope == fitted.slope and again.radius == fitted.radius and again.scale == fitted.scale
+    assert meta["hb_thresholds"] == [7.0, 9.0] and again.cut_offs == (7.0, 9.0)  # evaluate's default cut-offs
 
 
 def test_classify_is_untouched_by_the_task_layer():
