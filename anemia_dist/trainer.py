@@ -188,11 +188,13 @@ def audited_split(cfg: Config, accelerator: Accelerator) -> SplitData:
     """Every file audited on the main process before anything trains; all ranks get its split.
 
     The evaluation settings are checked against it now, not after the first epoch: a misspelt
-    positive class, or a threshold rule with validation images of one kind only.
+    positive class, or a threshold rule with validation images of one kind only (a regression run
+    fits no threshold: it decides at the rows' own).
     """
     split = build_split_on_main(cfg.data, cfg.train.seed, accelerator.is_main_process)
     positive = positive_index(split.classes, cfg.eval.positive_class)
-    require_both_classes([s.label == positive for s in split.val], cfg.eval)
+    if cfg.model.task != REGRESS:
+        require_both_classes([s.label == positive for s in split.val], cfg.eval)
     return split
 
 
