@@ -26,7 +26,8 @@ from .config import Config, parse_override
 from .datasets import Retargeted
 from .errors import ConfigError, DataError
 from .hb_report import bounds_text, hb_record, write_hb_report
-from .inference import ReadOrReport, default_report_dir, evaluation_config, find_images, load_best, model_inputs
+from .inference import ReadOrReport, default_report_dir, evaluation_config, load_best, model_inputs
+from .quality import list_inputs
 from .run_dir import META
 from .sources import Sample, load_source
 from .splits import MEASURE_COLUMN, THRESHOLD_COLUMN
@@ -90,10 +91,10 @@ def evaluate_hb(
     accelerator = Accelerator()
     samples, _ = load_source(cfg.data.root, cfg.data.manifest, meta["classes"], cfg.data.group_column, cfg.data)
     samples = [s for s in samples if split is None or s.split == split]
-    unusable = [s.path for s in samples if not Path(s.path).is_file() or math.isnan(s.measure)]
+    unusable = [s.path for s in samples if not Path(s.path).is_file() or math.isnan(s.value)]
     if unusable or not samples:
         raise DataError(f"{data}: {len(unusable)} row(s) without an image file or a measurement: {unusable[:20]}")
-    targets = torch.tensor([[s.measure, s.threshold] for s in samples], dtype=torch.float64)
+    targets = torch.tensor([[s.value, s.threshold] for s in samples], dtype=torch.float64)
     loader = DataLoader(Retargeted(model_inputs(samples, meta, cfg.data.cache_dir), targets), batch_size=batch_size)
     model = accelerator.prepare_model(model, evaluation_mode=True)
     z, _ = gather_outputs(accelerator, model, accelerator.prepare_data_loader(loader))
@@ -123,32 +124,28 @@ def predict_hb(
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("predict runs in one process; start it without accelerate launch")
     model, meta, point = load_hb_model(checkpoint_dir)
-    paths = find_images(inputs)
+    listed = list_inputs(inputs)
+    if not listed:
+        raise DataError(f"no files in {', '.join(map(str, inputs))}")
+    blank = {"hb": "", "hb_low": "", "hb_high": "", "anemic": ""}
+    rows = [{"path": str(path), **blank, "error": error} for path, error in listed]
+    todo = [i for i, (_, error) in enumerate(listed) if not error]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    images = model_inputs([Sample(str(p), 0, str(p)) for p in paths], meta)
+    images = model_inputs([Sample(str(listed[i][0]), 0, str(listed[i][0])) for i in todo], meta)
     loader = DataLoader(ReadOrReport(images, meta["image_size"]), batch_size=batch_size, num_workers=num_workers)
-    outputs, errors = [], []
+    outputs, errors = [torch.zeros(0)], []
     for batch, batch_errors in tqdm(loader, desc="predict", file=sys.stderr):
         outputs.append(model(images.batch_transform(batch.to(device))).float()[:, 0].cpu())
         errors += batch_errors
     predicted = point.calibrated(point.scale.restore(torch.cat(outputs)).numpy())
-    rows = []
-    for path, hb, error in zip(paths, predicted, errors, strict=True):
+    for index, hb, error in zip(todo, predicted, errors, strict=True):
         if error:
-            rows.append({"path": str(path), "hb": "", "hb_low": "", "hb_high": "", "anemic": "", "error": error})
+            rows[index]["error"] = error
             continue
         low, high = bounds_text(hb, point.radius)
-        rows.append(
-            {
-                "path": str(path),
-                "hb": f"{hb:.3f}",
-                "hb_low": low,
-                "hb_high": high,
-                "anemic": "" if point.threshold is None else int(hb < point.threshold),
-                "error": "",
-            }
-        )
+        anemic = "" if point.threshold is None else int(hb < point.threshold)
+        rows[index].update(hb=f"{hb:.3f}", hb_low=low, hb_high=high, anemic=anemic)
     return rows
 
 

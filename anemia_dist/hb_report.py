@@ -43,7 +43,7 @@ def hb_record(
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Agreement, per-threshold screening and interval coverage, with 95 % intervals (bootstrap over
     patients); also the thresholds used, by name."""
-    measured = np.array([s.measure for s in samples], dtype=np.float64)
+    measured = np.array([s.value for s in samples], dtype=np.float64)
     groups = [s.group for s in samples]
     thresholds = {RULE: np.array([s.threshold for s in samples], dtype=np.float64)}
     thresholds |= {f"{cut:g} g/dL": np.full(len(samples), cut) for cut in cut_offs}
@@ -73,14 +73,14 @@ def write_hb_report(
 ) -> Path:
     """predictions.csv, the four figures and report.html in ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
-    measured = np.array([s.measure for s in samples], dtype=np.float64)
+    measured = np.array([s.value for s in samples], dtype=np.float64)
     with (directory / PREDICTIONS).open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "group", "measured", "threshold", "hb", "hb_low", "hb_high", "anemic"])
         for sample, hb in zip(samples, predicted, strict=True):
             bounds = bounds_text(hb, point.radius)
             anemic = int(hb < sample.threshold)
-            writer.writerow([sample.path, sample.group, sample.measure, sample.threshold, f"{hb:.3f}", *bounds, anemic])
+            writer.writerow([sample.path, sample.group, sample.value, sample.threshold, f"{hb:.3f}", *bounds, anemic])
     cut_offs = sorted({float(t) for values in thresholds.values() for t in np.unique(values)})
     plot_bland_altman(measured, predicted, record, directory / BLAND_ALTMAN)
     plot_hb_scatter(measured, predicted, cut_offs, record, directory / HB_SCATTER)

@@ -33,9 +33,11 @@ class Sample:
     """``train``/``val`` when fixed by the manifest's split column or a separate validation source."""
     unit: str = ""
     """Split unit: the patient group merged with every duplicate and site it is linked to."""
-    measure: float | None = None
-    """data.measure_column's value (e.g. haemoglobin, g/dL); NaN when the row has none (an audit
-    finding, ``no_measurement``); None without a measure column."""
+    measure: str = ""
+    """The manifest's measurement (data.measure_column, e.g. Hb in g/dL) as written; empty without one."""
+    value: float | None = None
+    """The measurement as a number; NaN when the row has none (an audit finding, ``no_measurement``);
+    None without a measure column."""
     threshold: float | None = None
     """The row's decision threshold (data.threshold/threshold_column/threshold_rules); None without one."""
 
@@ -234,8 +236,11 @@ def read_manifest(
         group = (row.get(group_key) or "").strip() if group_key else ""
         site = (row.get(cfg.site_column) or "").strip() if cfg.site_column else ""
         labels.append(label)
-        measure, threshold = row_measure(row, cfg, where), row_threshold(row, cfg, where)
-        samples.append(Sample(str(path), -1, group or str(path), site, split, measure=measure, threshold=threshold))
+        measure = (row.get(cfg.measure_column) or "").strip() if cfg.measure_column else ""
+        value, threshold = row_measure(row, cfg, where), row_threshold(row, cfg, where)
+        samples.append(
+            Sample(str(path), -1, group or str(path), site, split, measure=measure, value=value, threshold=threshold)
+        )
     found = {cfg.below_label, cfg.above_label} if cfg.measure_column else set(labels)
     names = _class_index(classes, sorted(found), str(manifest))
     indices = [NO_LABEL if label == MISSING else names.index(label) for label in labels]

@@ -174,7 +174,7 @@ MEASURE_COLUMN, THRESHOLD_COLUMN = "measure", "threshold"
 
 def split_rows(split: SplitData) -> list[dict[str, str]]:
     """splits.csv: path, label, group, site, unit, split, and the measure and threshold when the data has them."""
-    measured = any(s.measure is not None for s in split.train + split.val)
+    measured = any(s.value is not None for s in split.train + split.val)
     return [
         {
             "path": s.path,
@@ -183,7 +183,7 @@ def split_rows(split: SplitData) -> list[dict[str, str]]:
             "site": s.site,
             "unit": s.unit,
             "split": name,
-            **({MEASURE_COLUMN: s.measure, THRESHOLD_COLUMN: s.threshold} if measured else {}),
+            **({MEASURE_COLUMN: s.value, THRESHOLD_COLUMN: s.threshold} if measured else {}),
         }
         for name, part in (("train", split.train), ("val", split.val))
         for s in part

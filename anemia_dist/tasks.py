@@ -45,7 +45,7 @@ class HbScale:
 
     @classmethod
     def fit(cls, samples: Sequence[Sample]) -> HbScale:
-        values = np.array([s.measure for s in samples], dtype=np.float64)
+        values = np.array([s.value for s in samples], dtype=np.float64)
         if not len(values) or not np.isfinite(values).all():
             raise DataError("model.task=regress: every training image needs a measurement (data.measure_column)")
         sd = float(values.std())
@@ -132,8 +132,11 @@ class ClassifyTask:
         """Per-sample targets for the loaders; None: the class labels."""
         return None
 
-    def loss(self, outputs: torch.Tensor, targets: torch.Tensor, class_weights: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(outputs, targets, weight=class_weights)
+    def sample_losses(
+        self, outputs: torch.Tensor, targets: torch.Tensor, class_weights: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each sample's loss and weight: cross-entropy, weighted by its class."""
+        return F.cross_entropy(outputs.float(), targets, reduction="none"), class_weights[targets]
 
     def batch_totals(self, outputs: torch.Tensor, targets: torch.Tensor, class_weights: torch.Tensor) -> torch.Tensor:
         return batch_totals(outputs, targets, class_weights)
@@ -168,13 +171,17 @@ class RegressTask(ClassifyTask):
         """[n, 2] float32: the standardised measurement and the row's threshold on the same scale."""
 
         def columns(part: Sequence[Sample]) -> torch.Tensor:
-            values = [self.scale.standardise([getattr(s, key) for s in part]) for key in ("measure", "threshold")]
+            values = [self.scale.standardise([getattr(s, key) for s in part]) for key in ("value", "threshold")]
             return torch.stack(values, dim=1).float()
 
         return columns(split.train), columns(split.val)
 
-    def loss(self, outputs: torch.Tensor, targets: torch.Tensor, class_weights: torch.Tensor) -> torch.Tensor:
-        return F.huber_loss(outputs.float()[:, 0], targets[:, 0], delta=self.delta)
+    def sample_losses(
+        self, outputs: torch.Tensor, targets: torch.Tensor, class_weights: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each sample's Huber loss on the standardised value, all weighted alike."""
+        losses = F.huber_loss(outputs.float()[:, 0], targets[:, 0], delta=self.delta, reduction="none")
+        return losses, torch.ones_like(losses)
 
     @torch.no_grad()
     def batch_totals(self, outputs: torch.Tensor, targets: torch.Tensor, class_weights: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ def config(manifest: Path, **settings) -> DataConfig:
 def test_a_row_without_a_measurement_is_a_listed_bad_file_that_stops_training(tmp_path):
     manifest = sheet(tmp_path, ["9.5", "", "12.5", "10", "13", "8", "12", "14"])
     samples, _, report = audit_data(config(manifest))
-    assert math.isnan(samples[1].measure) and samples[0].measure == 9.5 and samples[0].threshold == 11.0
+    assert math.isnan(samples[1].value) and samples[0].value == 9.5 and samples[0].threshold == 11.0
     assert [(Path(c.path).name, c.problem) for c in report.checks if c.problem] == [("img_001.png", NO_MEASUREMENT)]
     assert any(r["kind"] == NO_MEASUREMENT and r["path"].endswith("img_001.png") for r in report.rows())
     assert sum(report.class_counts().values()) == 7  # the unmeasured row has no class
@@ -41,7 +41,7 @@ def test_bad_files_skip_leaves_the_unmeasured_row_out_and_lists_it(tmp_path):
     manifest = sheet(tmp_path, ["9.5", "", "12.5", "10", "13", "8", "12", "14"])
     split = build_split(config(manifest, bad_files="skip"), seed=0)
     assert len(split.train) + len(split.val) == 7
-    assert all(not math.isnan(s.measure) for s in split.train + split.val)
+    assert all(not math.isnan(s.value) for s in split.train + split.val)
     assert [(Path(r["path"]).name, r["reason"], r["label"]) for r in excluded_rows(split)] == [
         ("img_001.png", NO_MEASUREMENT, "")
     ]
@@ -62,19 +62,18 @@ def test_copies_with_different_measurements_are_reported_with_both_values(tmp_pa
     ]
     _, _, report = audit_data(config(write_csv(manifest, rows)))
     assert report.conflicts == []  # both copies are anemic at 11 g/dL
-    (scope, index), *others = report.measure_conflicts
+    (scope, index), *others = report.measure_conflicts()
     assert scope == "exact" and others == []
-    found = [r for r in report.rows() if r["kind"] == "conflicting_measurements"]
+    found = [r for r in report.rows() if r["kind"] == "conflicting_measures"]
     assert {Path(r["path"]).name for r in found} == {"img_000.png", "copy_a.png"}
     assert "10.7" in found[0]["detail"] and "9.5" in found[0]["detail"]
-    summary = report.summary()["conflicting_measurement_groups"]
-    assert [sorted(group["values"]) for group in summary] == [["10.7", "9.5"]]
-    assert "different measurements: 1" in report.summary_text()
+    (group,) = report.summary()["conflicting_measure_groups"]
+    assert sorted(member["measure"] for member in group["members"]) == ["10.7", "9.5"]
 
 
 def test_an_audit_without_measurements_reports_no_measurement_findings(tmp_path):
     root = make_image_folder(tmp_path / "data", {"anemic": 2, "non-anemic": 2})
     shutil.copy(root / "anemic" / "img_000.png", root / "non-anemic" / "copy.png")
     report = audit_data(DataConfig(root=str(root)))[2]
-    assert report.measures == [] and report.measure_conflicts == []
+    assert report.measures == [] and report.measure_conflicts() == []
     assert "measurements" not in report.summary_text()

@@ -28,7 +28,7 @@ def regress(*extra: str):
 
 
 def sample(i: int, hb: float, threshold: float) -> Sample:
-    return Sample(f"img{i}.png", 0 if hb < threshold else 1, f"p{i}", measure=hb, threshold=threshold)
+    return Sample(f"img{i}.png", 0 if hb < threshold else 1, f"p{i}", value=hb, threshold=threshold)
 
 
 def test_regress_needs_a_measure_column_and_classify_stays_the_default():
@@ -70,7 +70,7 @@ def validation(measured: np.ndarray, predicted: np.ndarray, threshold: float = 1
 def test_epoch_metrics_report_errors_and_calibrate_fits_a_linear_recalibration():
     rng = np.random.default_rng(0)
     samples = [sample(i, hb, 11.0) for i, hb in enumerate(rng.normal(11.5, 1.6, 40))]
-    measured = np.array([s.measure for s in samples])
+    measured = np.array([s.value for s in samples])
     predicted = 11.5 + 0.5 * (measured - 11.5) + rng.normal(0, 0.1, 40)  # shrunk towards the mean
     split = SplitData(samples, samples, ["anemic", "non-anemic"])
     plain, columns = RegressTask(regress("data.threshold=11"), split).epoch_metrics(validation(measured, predicted))
