@@ -17,6 +17,8 @@ from anemia_dist.run_dir import BEST, CURVES, REPORT, SPLITS, SUMMARY, VALIDATIO
 pytestmark = pytest.mark.multiprocess
 
 REGRESS = ["model.task=regress", "data.measure_column=hb", "data.threshold=11", "data.group_column=group"]
+DEMO = ["data.near_copy_threshold=null"]
+"""As the demo config: its crops differ only in colour and noise, and the near-copy finder would chain them."""
 
 
 def demo(tmp_path: Path, patients: int) -> Path:
@@ -40,7 +42,7 @@ def test_a_regression_run_predicts_hb_better_than_the_training_mean(tmp_path):
     manifest = demo(tmp_path, 60)
     settings = ["model.hidden=32", "model.dropout=0.1", "optim.lr=1e-3", "unfreeze.head_only_epochs=1"]
     run = tmp_path / "runs" / "hb"
-    args = [*TINY, *REGRESS, *settings, f"data.manifest={manifest}", "train.batch_size=8", "train.epochs=6"]
+    args = [*TINY, *REGRESS, *DEMO, *settings, f"data.manifest={manifest}", "train.batch_size=8", "train.epochs=6"]
     check(run_cli("train", *args, f"run.output_dir={run.parent}", "run.name=hb"))
     rows = read_metrics(run)
     best = json.loads((run / SUMMARY).read_text())["best_epoch"]
@@ -101,7 +103,7 @@ def check_evaluate_and_predict(tmp_path: Path, run: Path, best_row: dict, manife
 
 def test_two_rank_validation_loss_and_mae_equal_one_process(tmp_path):
     manifest = demo(tmp_path, 13)  # uneven shards, a padded last batch
-    overrides = [*TINY, *REGRESS, f"data.manifest={manifest}", "data.folds=2", "train.batch_size=3"]
+    overrides = [*TINY, *REGRESS, *DEMO, f"data.manifest={manifest}", "data.folds=2", "train.batch_size=3"]
     values = {}
     for world in (1, 2):
         out = tmp_path / f"world{world}"
@@ -120,6 +122,7 @@ def test_a_resumed_regression_run_reproduces_the_uninterrupted_run(tmp_path):
     args = [
         *TINY,
         *REGRESS,
+        *DEMO,
         f"data.manifest={manifest}",
         "data.folds=2",
         "optim.lr=1e-3",
