@@ -18,12 +18,13 @@ import csv
 import hashlib
 import io
 import json
+import math
 import os
 import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +36,10 @@ from . import near_copies
 from .config import DataConfig, review_path
 from .images import ColourError, decode_rgb, describe_profile, embedded_profile, working_size
 from .run_dir import AUDIT_CSV, AUDIT_JSON, EXCLUDED
-from .sources import Sample, load_samples
+from .sources import Sample, class_name, load_samples
 
+NO_MEASUREMENT = "no_measurement"
+"""The bad-file kind of a manifest row whose data.measure_column is empty: it has no target or label."""
 UNCONVERTIBLE_COLOUR = "unconvertible_colour"
 """The bad-file kind of an image whose embedded colour profile cannot convert it to sRGB."""
 DECODED_KINDS = (None, "too_small", UNCONVERTIBLE_COLOUR)
@@ -52,7 +55,8 @@ _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint16)
 @dataclass(frozen=True)
 class FileCheck:
     """What one file turned out to be. ``problem``: None, or the kind of bad file: missing,
-    unreadable, empty, not_image, truncated, corrupt, too_small or unconvertible_colour."""
+    unreadable, empty, not_image, truncated, corrupt, too_small, unconvertible_colour or
+    no_measurement (a manifest row with an empty data.measure_column)."""
 
     path: str
     problem: str | None = None
@@ -204,7 +208,8 @@ class AuditReport:
         return [i for i, check in enumerate(self.checks) if check.problem is not None]
 
     def class_counts(self, indices: Sequence[int] | None = None) -> dict[str, int]:
-        counts = Counter(self.labels[i] for i in (range(len(self.labels)) if indices is None else indices))
+        chosen = range(len(self.labels)) if indices is None else indices
+        counts = Counter(self.labels[i] for i in chosen if self.labels[i])  # "": no measurement, no class
         return dict(sorted(counts.items()))
 
     def colour_and_cameras(self) -> dict[str, object]:
@@ -392,6 +397,7 @@ def audit_samples(
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         vector = near_copy_threshold is not None
         checks = list(pool.map(lambda p: check_file(p, min_size, background, decode_side, vector), paths))
+    checks = [_require_measurement(check, sample) for check, sample in zip(checks, samples, strict=True)]
     good = [i for i, check in enumerate(checks) if check.problem is None]
 
     by_content: dict[str, list[int]] = defaultdict(list)
@@ -411,7 +417,7 @@ def audit_samples(
     for k in range(len(contents)):
         merged[int(component[k])].append(k)
     near = [sorted(i for k in ks for i in contents[k]) for ks in merged.values() if len(ks) > 1]
-    labels = [classes[s.label] for s in samples]
+    labels = [class_name(classes, s.label) for s in samples]
     measures = [s.measure for s in samples] if any(s.measure for s in samples) else []
     return AuditReport(
         checks,
@@ -425,6 +431,13 @@ def audit_samples(
         len(reviewed_pairs),
         measures,
     )
+
+
+def _require_measurement(check: FileCheck, sample: Sample) -> FileCheck:
+    """A readable file whose manifest row has an empty measurement is a bad file (no target, no label)."""
+    if check.problem is None and sample.value is not None and math.isnan(sample.value):
+        return replace(check, problem=NO_MEASUREMENT, detail="the manifest row's data.measure_column is empty")
+    return check
 
 
 def _reviewed_pairs(contents: Sequence[Sequence[str]], reviewed: Sequence[tuple[str, str]]) -> list[tuple[int, int]]:

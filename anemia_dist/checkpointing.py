@@ -54,6 +54,10 @@ def read_info(checkpoint: Path) -> dict[str, Any]:
     return json.loads((checkpoint / CHECKPOINT_INFO).read_text())
 
 
+IDENTITY_BEFORE = {"task": "classify"}
+"""Identity keys added later, and what checkpoints saved before them were."""
+
+
 class Checkpointer:
     """Saves and restores one run's checkpoints and exports its best model.
 
@@ -72,6 +76,7 @@ class Checkpointer:
             "classes": classes,
             "hidden": cfg.model.hidden,
             "unfreeze_layers": cfg.unfreeze.layers,
+            "task": cfg.model.task,
         }
         """What a checkpoint's tensors depend on: resuming with anything else is refused."""
         backbone = preprocessing(cfg.model.arch)
@@ -166,9 +171,9 @@ class Checkpointer:
     def _check_identity(self, checkpoint: Path, saved: dict[str, Any]) -> None:
         """No silent partial load: the model shape and the class list must be the ones saved."""
         differences = [
-            f"{key}: checkpoint has {saved.get(key)!r}, this config has {value!r}"
+            f"{key}: checkpoint has {saved.get(key, IDENTITY_BEFORE.get(key))!r}, this config has {value!r}"
             for key, value in self.identity.items()
-            if saved.get(key) != value
+            if saved.get(key, IDENTITY_BEFORE.get(key)) != value
         ]
         if differences:
             raise CheckpointMismatch(

@@ -88,34 +88,45 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .hb_evaluation import evaluate_hb, is_regression
     from .inference import evaluate
 
-    record = evaluate(
-        args.checkpoint,
-        args.data,
-        args.overrides,
-        args.batch_size,
-        args.out,
-        args.report,
-        args.split,
-        quality_gate=args.quality_gate,
-    )
+    if is_regression(args.checkpoint):  # model.task=regress: agreement, thresholds, intervals
+        record = evaluate_hb(
+            args.checkpoint, args.data, args.overrides, args.batch_size, args.out, args.report, args.split
+        )
+    else:
+        record = evaluate(
+            args.checkpoint,
+            args.data,
+            args.overrides,
+            args.batch_size,
+            args.out,
+            args.report,
+            args.split,
+            quality_gate=args.quality_gate,
+        )
     if record is not None:
         print(json.dumps(record, indent=2))
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from .hb_evaluation import is_regression, predict_hb, write_hb_predictions
     from .inference import predict, write_predictions
 
-    rows = predict(args.checkpoint, args.inputs, args.batch_size, args.num_workers, args.quality_gate, args.explain)
+    if is_regression(args.checkpoint):  # path, hb, hb_low, hb_high, anemic, error
+        rows = predict_hb(args.checkpoint, args.inputs, args.batch_size, args.num_workers)
+        write_predictions = write_hb_predictions
+    else:
+        rows = predict(args.checkpoint, args.inputs, args.batch_size, args.num_workers, args.quality_gate, args.explain)
     if args.out:
         with open(args.out, "w", newline="") as handle:
             write_predictions(rows, handle)
     else:
         write_predictions(rows, sys.stdout)
     unreadable = [row for row in rows if row["error"]]
-    rejected = [row for row in rows if row["reason"]]
+    rejected = [row for row in rows if row.get("reason")]
     scored = len(rows) - len(unreadable) - len(rejected)
     print(
         f"{scored} image(s) scored, {len(rejected)} rejected by the quality gate, {len(unreadable)} unreadable",

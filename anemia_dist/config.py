@@ -119,7 +119,8 @@ class DataConfig:
     """Which fold (0 .. folds-1) is the validation split."""
     bad_files: Literal["error", "skip"] = "error"
     """Missing, unreadable, empty, non-image, truncated or too-small files, and images whose embedded
-    colour profile cannot convert them to sRGB: ``error`` stops before training with the full list;
+    colour profile cannot convert them to sRGB, and manifest rows with an empty data.measure_column:
+    ``error`` stops before training with the full list;
     ``skip`` leaves them out and lists them in the run's excluded.csv."""
     min_size: int = 16
     """Images whose shorter side is below this many pixels are bad files."""
@@ -237,6 +238,10 @@ class ModelConfig:
     a state dict (.safetensors / .pt)."""
     hidden: int = 512
     dropout: float = 0.5
+    task: Literal["classify", "regress"] = "classify"
+    """``classify``: the classes (the methodology). ``regress``: data.measure_column (haemoglobin,
+    g/dL) standardised with the training split's mean and SD, one output, Huber loss; anemic when the
+    predicted value is below the row's threshold (data.threshold/threshold_column/threshold_rules)."""
 
     def __post_init__(self) -> None:
         _check(
@@ -260,9 +265,12 @@ class OptimConfig:
 
     lr: float = 1e-4
     weight_decay: float = 1e-4
+    huber_delta: float = 1.0
+    """model.task=regress: the Huber loss's delta, in standard deviations of the training targets."""
 
     def __post_init__(self) -> None:
         _check(self.lr >= 0, "optim.lr", f"must be >= 0, got {self.lr}")
+        _check(self.huber_delta > 0, "optim.huber_delta", f"must be > 0, got {self.huber_delta}")
         _check(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
 
 
@@ -398,9 +406,16 @@ class EvalConfig:
     target_sensitivity: float = 0.90
     fixed_threshold: float = 0.5
     calibrate: bool = False
-    """Fit a softmax temperature on the validation split and save it with the model."""
+    """Fit a softmax temperature on the validation split and save it with the model
+    (model.task=regress: a linear recalibration of the predicted values)."""
     bootstrap: int = 2000
     """Bootstrap resamples for the 95 % confidence intervals in the reports."""
+    hb_thresholds: list[float] = field(default_factory=list)
+    """model.task=regress: extra cut-offs (g/dL) reported beside the row thresholds, e.g. [7, 9, 11]
+    for severe, moderate and mild anemia."""
+    interval: float = 0.9
+    """model.task=regress: coverage of the per-image prediction intervals (split-conformal,
+    calibrated on the validation residuals, patients counted once)."""
 
     def __post_init__(self) -> None:
         _check(bool(self.positive_class.strip()), "eval.positive_class", "must name a class, e.g. anemic")
@@ -413,6 +428,7 @@ class EvalConfig:
             0.0 <= self.fixed_threshold <= 1.0, "eval.fixed_threshold", f"must be in [0, 1], got {self.fixed_threshold}"
         )
         _check(self.bootstrap >= 100, "eval.bootstrap", f"must be >= 100 resamples, got {self.bootstrap}")
+        _check(0.0 < self.interval < 1.0, "eval.interval", f"must be in (0, 1), got {self.interval}")
 
 
 WANDB_MODES = ("off", "online", "offline")
@@ -480,7 +496,12 @@ class Config:
 
     def __post_init__(self) -> None:
         """ResNet stages are known here: ``last`` becomes ``layer4`` and unknown names stop now
-        (a timm backbone's are checked when it is built)."""
+        (a timm backbone's are checked when it is built). model.task=regress needs data.measure_column."""
+        _check(
+            self.model.task == "classify" or self.data.measure_column is not None,
+            "model.task",
+            "regress learns data.measure_column: set it (e.g. data.measure_column=HB_LEVEL) and a threshold source",
+        )
         if self.model.arch.startswith(TIMM_PREFIX):
             return
         layers = [BACKBONE_STAGES[-1] if name == LAST_STAGE else name for name in self.unfreeze.layers]

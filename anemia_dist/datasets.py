@@ -309,11 +309,32 @@ def seed_worker(rank: int, worker_id: int) -> None:
     np.random.seed(seed % 2**32)
 
 
+class Retargeted(Dataset):
+    """A dataset's images with other per-sample targets (e.g. haemoglobin instead of the class)."""
+
+    def __init__(self, dataset: Dataset, targets: torch.Tensor):
+        if len(dataset) != len(targets):
+            raise ValueError(f"{len(dataset)} images but {len(targets)} targets")
+        self.dataset, self.targets = dataset, targets
+        self.batch_transform = device_transform_of(dataset)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.dataset[index][0], self.targets[index]
+
+
 def make_loaders(
-    cfg: Config, split: SplitData, pin_memory: bool, rank: int | None = None
+    cfg: Config,
+    split: SplitData,
+    pin_memory: bool,
+    rank: int | None = None,
+    targets: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[DataLoader, DataLoader]:
     """The training and validation loaders of ``data.pipeline``, before Accelerate shards them;
-    ``rank`` (default: this process's) seeds the loader workers."""
+    ``rank`` (default: this process's) seeds the loader workers; ``targets`` (training,
+    validation) replace the class labels."""
     workers = cfg.data.num_workers
     rank = PartialState().process_index if rank is None else rank
     common = dict(
@@ -332,6 +353,8 @@ def make_loaders(
         background = cfg.data.alpha_background
         train = ImageDataset(split.train, train_transform(cfg.data.image_size, *normalization), background)
         val = ImageDataset(split.val, eval_transform(cfg.data.image_size, *normalization), background)
+    if targets is not None:
+        train, val = Retargeted(train, targets[0]), Retargeted(val, targets[1])
     # Own generators: creating a loader iterator otherwise draws from the global RNG, which the
     # checkpoints restore, and a mid-epoch resume (a fresh iterator) would start one draw off.
     order = BalancedSampler([s.label for s in split.train], cfg.train.seed) if cfg.train.sampler == "balanced" else None
@@ -366,7 +389,12 @@ def require_shared_memory(nbytes: int, workers: int) -> None:
         )
 
 
-def device_transform(loader: DataLoader) -> Callable[[torch.Tensor], torch.Tensor]:
+def device_transform_of(dataset: Dataset) -> Callable[[torch.Tensor], torch.Tensor]:
     """What the training device does to a batch before the model: the cached pipeline's batched
     augmentation (or validation resize) and normalisation; PIL-pipeline batches arrive finished."""
-    return getattr(loader.dataset, "batch_transform", torch.nn.Identity())
+    return getattr(dataset, "batch_transform", torch.nn.Identity())
+
+
+def device_transform(loader: DataLoader) -> Callable[[torch.Tensor], torch.Tensor]:
+    """:func:`device_transform_of` the loader's dataset."""
+    return device_transform_of(loader.dataset)

@@ -48,6 +48,7 @@ from .inference import load_best, normalization
 from .metrics import OperatingPoint, negative_name
 from .run_dir import META, SPLITS
 from .sources import Sample, load_source
+from .tasks import REGRESS, HbPoint
 
 FORMATS = ("onnx", "torchscript")
 INPUT_NAME = "image"
@@ -98,6 +99,18 @@ class PositiveProbability(nn.Module):
         return (logits.float() / self.temperature).softmax(dim=1)[:, self.positive]
 
 
+class Haemoglobin(nn.Module):
+    """The single output -> haemoglobin in g/dL, as ``predict`` reports it: the training split's
+    scale undone, then the linear recalibration (identity unless eval.calibrate)."""
+
+    def __init__(self, mean: float, sd: float, slope: float, intercept: float):
+        super().__init__()
+        self.mean, self.sd, self.slope, self.intercept = float(mean), float(sd), float(slope), float(intercept)
+
+    def forward(self, outputs: torch.Tensor) -> torch.Tensor:
+        return (outputs.float()[:, 0] * self.sd + self.mean) * self.slope + self.intercept
+
+
 class PortableModel(nn.Module):
     """Preprocessing, network and readout in one module: what the exported file computes."""
 
@@ -124,6 +137,8 @@ def readout_for(meta: dict[str, Any], where: str) -> Readout:
     A task's checkpoint says what it is in ``meta["task"]`` (classification when absent); a task
     with another output (e.g. haemoglobin in g/dL) adds its readout here."""
     task = meta.get("task", "classification")
+    if task == REGRESS:
+        return haemoglobin_readout(meta)
     if task != "classification":
         raise ConfigError(f"{where}: task {task!r}: this version exports classification checkpoints only")
     point = OperatingPoint.from_meta(meta, where)
@@ -139,6 +154,17 @@ def readout_for(meta: dict[str, Any], where: str) -> Readout:
             f">= threshold",
         },
     )
+
+
+def haemoglobin_readout(meta: dict[str, Any]) -> Readout:
+    """A regression checkpoint outputs haemoglobin (g/dL); anemic below the row's threshold."""
+    point = HbPoint.from_meta(meta)
+    module = Haemoglobin(point.scale.mean, point.scale.sd, point.slope, point.intercept)
+    output = (
+        "haemoglobin in g/dL; anemic when below the row's threshold (data.threshold in threshold when one "
+        "applies to all); interval: hb ± interval_radius"
+    )
+    return Readout(module, "hb", {"classes": list(meta["classes"]), **point.to_meta(), "output": output})
 
 
 def portable_model(directory: str | Path) -> tuple[PortableModel, dict[str, str]]:
@@ -347,6 +373,8 @@ def export(
         raise ConfigError("--quantize: int8 quantisation is for --format onnx (ONNX Runtime's quantiser)")
     out = Path(out)
     model, metadata = portable_model(checkpoint_dir)
+    if quantized and metadata["task"] == REGRESS:
+        raise ConfigError("--quantize: the int8 parity check scores classification checkpoints; export without it")
     samples, source = (
         labelled_samples(Path(checkpoint_dir), data, json.loads(metadata["classes"])) if quantized else ([], "")
     )

@@ -53,8 +53,11 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: Path) -> None:
         ("Loss (class-weighted CE)", "train_loss", "val_loss"),
         ("Accuracy", "train_acc", "val_acc"),
     )
+    if "val_mae" in rows[0]:  # model.task=regress
+        panels = (("Loss (Huber, SD units)", "train_loss", "val_loss"), ("Mean absolute error (g/dL)", None, "val_mae"))
     for axis, (title, train_key, val_key) in zip(axes, panels, strict=False):
-        axis.plot(epochs, [r[train_key] for r in rows], "o-", label="train")
+        if train_key is not None:
+            axis.plot(epochs, [r[train_key] for r in rows], "o-", label="train")
         axis.plot(epochs, [r[val_key] for r in rows], "s-", label="validation")
         axis.set_title(title)
     best = min(rows, key=lambda r: r["val_loss"] if math.isfinite(r["val_loss"]) else math.inf)
@@ -66,7 +69,8 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: Path) -> None:
             ("val_specificity", "specificity"),
         ):
             axes[2].plot(epochs, [r[key] for r in rows], "o-", label=name)
-        axes[2].set(title="Validation screening (each epoch's own threshold)", ylim=(0, 1.02))
+        threshold = "the row thresholds" if "val_mae" in rows[0] else "each epoch's own threshold"
+        axes[2].set(title=f"Validation screening ({threshold})", ylim=(0, 1.02))
     lr_axis = axes[-1]
     for index, name in enumerate(rows[0].get("lr_groups", ["lr"])):
         lr_axis.plot(epochs, [r["lr"][index] for r in rows], "o-", label=name)

@@ -38,6 +38,7 @@ from .quality import REJECTED, list_inputs, screen
 from .report import Explainer, Gallery, write_report
 from .run_dir import META, PREDICTIONS, WEIGHTS, read_metrics
 from .sources import Sample, load_source
+from .tasks import REGRESS
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 from .validation import validate
 
@@ -60,7 +61,8 @@ def load_best(directory: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild the exported model (``RUN/best``) for inference: eval mode, on the CPU."""
     meta = read_meta(directory)
     arch = ModelConfig(arch=meta["arch"], weights="none", hidden=meta["hidden"], dropout=meta["dropout"])
-    model = build_model(arch, len(meta["classes"]), meta["image_size"])
+    outputs = 1 if meta.get("task") == REGRESS else len(meta["classes"])  # regress: Hb
+    model = build_model(arch, outputs, meta["image_size"])
     model.load_state_dict(load_file(str(Path(directory) / WEIGHTS)))
     return model.eval(), meta
 
@@ -68,6 +70,8 @@ def load_best(directory: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
 def load_model(directory: str | Path) -> tuple[torch.nn.Module, dict[str, Any], OperatingPoint]:
     """The exported model, its meta.json and its operating point, ready for the inputs of :func:`model_inputs`."""
     model, meta = load_best(directory)
+    if meta.get("task") == REGRESS:
+        raise ConfigError(f"{directory}: a haemoglobin model; use anemia_dist.hb_evaluation (the CLI does)")
     model.to(memory_format=torch.channels_last)  # the layout of model_inputs' batches, as in training
     return model, meta, OperatingPoint.from_meta(meta, str(Path(directory) / META))
 

@@ -143,7 +143,7 @@ def _divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
     return np.divide(numerator, denominator, out=out, where=denominator > 0)
 
 
-def _ranking(truth: np.ndarray, score: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def ranking_areas(truth: np.ndarray, score: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """AUROC and average precision for each row of ``weights`` (resamples x samples).
 
     The ROC has one point per distinct score (ties move diagonally), as in scikit-learn; zero-weight
@@ -181,7 +181,7 @@ def metric_table(pred: Predictions, threshold: float, weights: np.ndarray) -> di
     sensitivity, specificity = _divide(tp, tp + fn), _divide(tn, tn + fp)
     bins = np.searchsorted(np.linspace(0.0, 1.0, ECE_BINS + 1)[1:-1], pred.score)  # calibration_curve's bins
     gap_per_bin = weights @ (np.eye(ECE_BINS)[bins] * (pred.score - truth)[:, None])
-    auroc, auprc = _ranking(truth, pred.score, weights)
+    auroc, auprc = ranking_areas(truth, pred.score, weights)
     table = {
         "loss": _divide(weights @ pred.nll, total),
         "accuracy": _divide(tp + tn, total),

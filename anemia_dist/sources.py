@@ -8,6 +8,7 @@ Nothing here opens an image: the audit (:mod:`anemia_dist.audit`) checks every f
 from __future__ import annotations
 
 import csv
+import math
 import operator
 import os
 from collections import defaultdict
@@ -34,6 +35,24 @@ class Sample:
     """Split unit: the patient group merged with every duplicate and site it is linked to."""
     measure: str = ""
     """The manifest's measurement (data.measure_column, e.g. Hb in g/dL) as written; empty without one."""
+    value: float | None = None
+    """The measurement as a number; NaN when the row has none (an audit finding, ``no_measurement``);
+    None without a measure column."""
+    threshold: float | None = None
+    """The row's decision threshold (data.threshold/threshold_column/threshold_rules); None without one."""
+
+
+NO_LABEL = -1
+"""The label index of a row whose measurement is missing: it has no class (the audit lists it)."""
+
+
+def class_name(classes: Sequence[str], label: int) -> str:
+    """A label index's class name; "" for :data:`NO_LABEL`."""
+    return classes[label] if label != NO_LABEL else ""
+
+
+MISSING = "\0missing"
+""":func:`row_label` of a row without a measurement (no class name can look like it)."""
 
 
 def find_image_files(folder: str | Path) -> list[Path]:
@@ -110,12 +129,31 @@ def _threshold(row: dict[str, str], cfg: DataConfig, where: str) -> float:
     raise DataError(f"{where}: no rule in data.threshold_rules matches this row; add a rule that covers it")
 
 
+def row_threshold(row: dict[str, str], cfg: DataConfig, where: str) -> float | None:
+    """The row's decision threshold, or None when the config sets no threshold source."""
+    if cfg.threshold is None and cfg.threshold_column is None and not cfg.threshold_rules:
+        return None
+    return _threshold(row, cfg, where)
+
+
+def row_measure(row: dict[str, str], cfg: DataConfig, where: str) -> float | None:
+    """data.measure_column's value; NaN when empty (a finding, not an error); None without the column."""
+    if cfg.measure_column is None:
+        return None
+    if not (row.get(cfg.measure_column) or "").strip():
+        return math.nan
+    return _number(row, cfg.measure_column, where)
+
+
 def row_label(row: dict[str, str], cfg: DataConfig, where: str) -> str:
-    """The class name of one manifest row: its label column, or its measurement against the threshold."""
+    """The class name of one manifest row: its label column, or its measurement against the threshold
+    (:data:`MISSING` when the measurement is empty)."""
     if cfg.measure_column is None:
         return (row.get(cfg.label_column) or "").strip()
-    below = _number(row, cfg.measure_column, where) < _threshold(row, cfg, where)
-    return cfg.below_label if below else cfg.above_label
+    measure = row_measure(row, cfg, where)
+    if math.isnan(measure):
+        return MISSING
+    return cfg.below_label if measure < _threshold(row, cfg, where) else cfg.above_label
 
 
 class _ImageIndex:
@@ -199,10 +237,14 @@ def read_manifest(
         site = (row.get(cfg.site_column) or "").strip() if cfg.site_column else ""
         labels.append(label)
         measure = (row.get(cfg.measure_column) or "").strip() if cfg.measure_column else ""
-        samples.append(Sample(str(path), -1, group or str(path), site, split, measure=measure))
+        value, threshold = row_measure(row, cfg, where), row_threshold(row, cfg, where)
+        samples.append(
+            Sample(str(path), -1, group or str(path), site, split, measure=measure, value=value, threshold=threshold)
+        )
     found = {cfg.below_label, cfg.above_label} if cfg.measure_column else set(labels)
     names = _class_index(classes, sorted(found), str(manifest))
-    return [replace(s, label=names.index(label)) for s, label in zip(samples, labels, strict=True)], names
+    indices = [NO_LABEL if label == MISSING else names.index(label) for label in labels]
+    return [replace(s, label=index) for s, index in zip(samples, indices, strict=True)], names
 
 
 def load_source(

@@ -22,7 +22,7 @@ from .audit import AuditReport, audit_data, connected_groups
 from .config import DataConfig
 from .distributed import broadcast_from_main
 from .errors import DataError
-from .sources import Sample
+from .sources import Sample, class_name
 
 
 @dataclass(frozen=True)
@@ -168,7 +168,13 @@ def balanced_class_weights(train: Sequence[Sample], num_classes: int) -> torch.T
     return torch.tensor(weights, dtype=torch.float32)
 
 
+MEASURE_COLUMN, THRESHOLD_COLUMN = "measure", "threshold"
+"""splits.csv's columns for each sample's measurement and threshold, when the data has them."""
+
+
 def split_rows(split: SplitData) -> list[dict[str, str]]:
+    """splits.csv: path, label, group, site, unit, split, and the measure and threshold when the data has them."""
+    measured = any(s.value is not None for s in split.train + split.val)
     return [
         {
             "path": s.path,
@@ -177,6 +183,7 @@ def split_rows(split: SplitData) -> list[dict[str, str]]:
             "site": s.site,
             "unit": s.unit,
             "split": name,
+            **({MEASURE_COLUMN: s.value, THRESHOLD_COLUMN: s.threshold} if measured else {}),
         }
         for name, part in (("train", split.train), ("val", split.val))
         for s in part
@@ -185,7 +192,12 @@ def split_rows(split: SplitData) -> list[dict[str, str]]:
 
 def excluded_rows(split: SplitData) -> list[dict[str, str]]:
     return [
-        {"path": e.sample.path, "label": split.classes[e.sample.label], "reason": e.reason, "detail": e.detail}
+        {
+            "path": e.sample.path,
+            "label": class_name(split.classes, e.sample.label),
+            "reason": e.reason,
+            "detail": e.detail,
+        }
         for e in split.excluded
     ]
 

@@ -34,8 +34,9 @@ from .distributed import broadcast_from_main, collective_timeout, rewrap_after_u
 from .early_stopping import EarlyStopping
 from .errors import ConfigError
 from .figures import plot_curves
+from .hb_report import write_validation_hb_report
 from .inference import error_explainer
-from .metrics import OperatingPoint, positive_index, require_both_classes, screening_metrics
+from .metrics import OperatingPoint, positive_index, require_both_classes
 from .model import (
     build_model,
     freeze_backbone,
@@ -46,7 +47,7 @@ from .model import (
     unfreeze,
 )
 from .preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionWatcher
-from .progress import Totals, TrainingProgress, batch_totals
+from .progress import Totals, TrainingProgress
 from .quality import QUALITY, training_ranges
 from .report import write_validation_report
 from .run_dir import (
@@ -63,8 +64,9 @@ from .run_dir import (
     RunDirectory,
 )
 from .splits import SplitData, balanced_class_weights, build_split_on_main, describe_split, excluded_rows, split_rows
+from .tasks import REGRESS, ClassifyTask, make_task
 from .torch_settings import any_batch_size, make_deterministic, recompile_after_unfreeze
-from .validation import ValidationResult, validate
+from .validation import ValidationResult
 
 logger = get_logger(__name__)
 
@@ -80,6 +82,8 @@ class Training:
     train_loader: DataLoader
     val_loader: DataLoader
     class_weights: torch.Tensor
+    task: ClassifyTask
+    """model.task: the targets, loss and validation pass (classify, or regress the haemoglobin)."""
 
 
 @dataclass
@@ -119,12 +123,13 @@ def train(cfg: Config) -> dict[str, Any]:
             train_paths, data.alpha_background, data.min_size, data.num_workers
         )
     resume_from = checkpointer.resume_point()  # a bad run.resume stops before any file is written
-    model = build_model(cfg.model, len(split.classes), cfg.data.image_size)  # so do missing weights
+    task = make_task(cfg, split)  # model.task: classify, or regress the haemoglobin
+    model = build_model(cfg.model, task.outputs(), cfg.data.image_size)  # so do missing weights
     resolve_stages(model, cfg.unfreeze.layers)  # and a timm backbone's misspelt stage
     write_run_start(cfg, run, split)
-    loaders = make_loaders(cfg, split, pin_memory=accelerator.device.type == "cuda")
+    loaders = make_loaders(cfg, split, pin_memory=accelerator.device.type == "cuda", targets=task.targets(split))
     freeze_backbone(model)  # phase 1, the head alone: before DDP wraps the model, as DDP syncs what trains now
-    training = prepare_training(cfg, accelerator, model, loaders, split)
+    training = prepare_training(cfg, accelerator, model, loaders, split, task)
     checkpointer.require_space(training.model, training.optimizer)
     set_seed(cfg.train.seed, device_specific=True)  # own augmentation and dropout streams per rank
     stopper = EarlyStopping(cfg.early_stopping.patience, cfg.early_stopping.min_delta)
@@ -153,8 +158,8 @@ def train(cfg: Config) -> dict[str, Any]:
             if trained.preempted:
                 progress.pause(trained.steps, trained.totals, trained.seconds)
                 exit_preempted(accelerator, run, checkpointer.save(progress, stopper.best_epoch))
-            val = validate(accelerator, training.model, training.val_loader, training.class_weights)
-            point, screening = screening_metrics(val.labels, val.probs, split.classes, cfg.eval)
+            val = task.validate(accelerator, training.model, training.val_loader, training.class_weights)
+            point, screening = task.epoch_metrics(val)
             training.scheduler.step(val.loss)
             improved = stopper.update(val.loss, epoch)
             if improved:
@@ -213,11 +218,13 @@ def audited_split(cfg: Config, accelerator: Accelerator) -> SplitData:
     """Every file audited on the main process before anything trains; all ranks get its split.
 
     The evaluation settings are checked against it now, not after the first epoch: a misspelt
-    positive class, or a threshold rule with validation images of one kind only.
+    positive class, or a threshold rule with validation images of one kind only (a regression run
+    fits no threshold: it decides at the rows' own).
     """
     split = build_split_on_main(cfg.data, cfg.train.seed, accelerator.is_main_process)
     positive = positive_index(split.classes, cfg.eval.positive_class)
-    require_both_classes([s.label == positive for s in split.val], cfg.eval)
+    if cfg.model.task != REGRESS:
+        require_both_classes([s.label == positive for s in split.val], cfg.eval)
     return split
 
 
@@ -274,6 +281,7 @@ def prepare_training(
     model: torch.nn.Module,
     loaders: tuple[DataLoader, DataLoader],
     split: SplitData,
+    task: ClassifyTask,
 ) -> Training:
     """Class weights from the training split, optimiser, plateau scheduler; Accelerate wraps them all."""
     class_weights = loss_class_weights(cfg.train, split).to(accelerator.device)
@@ -283,7 +291,7 @@ def prepare_training(
         optimizer, mode="min", factor=cfg.scheduler.factor, patience=cfg.scheduler.patience, min_lr=cfg.scheduler.min_lr
     )
     model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(model, optimizer, *loaders, scheduler)
-    return Training(model, optimizer, scheduler, train_loader, val_loader, class_weights)
+    return Training(model, optimizer, scheduler, train_loader, val_loader, class_weights, task)
 
 
 def loss_class_weights(cfg: TrainConfig, split: SplitData) -> torch.Tensor:
@@ -340,19 +348,24 @@ def training_step(
     class_weights: torch.Tensor,
     backward: Callable[[torch.Tensor], None],
     real: int | None = None,
+    sample_losses: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class-weighted cross-entropy Σ w_y·ℓ / Σ w_y over the first ``real`` samples (all when
-    None), one optimiser step; returns the logits and the loss.
+    """Class-weighted cross-entropy Σ w_y·ℓ / Σ w_y (or the task's ``sample_losses``: per-sample
+    losses and weights) over the first ``real`` samples (all when None), one optimiser step;
+    returns the outputs and the loss.
 
     The padded rest still runs through the model (same shapes on every rank and step) but
     weighs nothing: a rank whose batch is all padding steps with a zero gradient, as DDP needs
     every rank to take part in each all-reduce.
     """
     logits = model(images)
-    weights = class_weights[labels]
+    if sample_losses is None:
+        per_sample, weights = F.cross_entropy(logits.float(), labels, reduction="none"), class_weights[labels]
+    else:
+        per_sample, weights = sample_losses(logits, labels, class_weights)
     if real is not None and real < len(labels):
         weights = weights * (torch.arange(len(labels), device=labels.device) < real)
-    per_sample = F.cross_entropy(logits.float(), labels, reduction="none")
     loss = (weights * per_sample).sum() / weights.sum().clamp_min(torch.finfo(weights.dtype).tiny)
     backward(loss)
     optimizer.step()
@@ -386,8 +399,9 @@ def train_one_epoch(
             training.class_weights,
             accelerator.backward,
             real,
+            training.task.sample_losses,
         )
-        totals += batch_totals(logits[:real], labels[:real], training.class_weights)
+        totals += training.task.batch_totals(logits[:real], labels[:real], training.class_weights)
         if steps % 20 == 0:  # .item() waits for the device; every step would stall the pipeline
             bar.set_postfix(loss=f"{loss.item():.4f}")
         steps += 1
@@ -500,6 +514,10 @@ def finish_run(
             f"no validation report: the best epoch ran before the resume; for one, run `anemia-dist evaluate "
             f"--checkpoint {run.path / BEST} --data {run.path / SPLITS} --split val`"
         )
+    elif cfg.model.task == REGRESS:
+        if accelerator.is_main_process:
+            report = run.path / REPORT
+            write_validation_hb_report(report, split.val, best.val.predicted, best.point, cfg.eval, stopper.best_epoch)
     elif accelerator.is_main_process:
         groups = [s.unit or s.group for s in split.val]  # patients, merged with their duplicate images
         labels, probs, bootstrap = best.val.labels, best.val.probs, cfg.eval.bootstrap
