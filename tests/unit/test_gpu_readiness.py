@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 from datetime import timedelta
+from types import SimpleNamespace
 
 import accelerate.accelerator
 import accelerate.data_loader
@@ -35,6 +36,7 @@ from anemia_dist.preemption import PreemptionWatcher
 from anemia_dist.progress import TrainingProgress
 from anemia_dist.run_dir import BEST, META
 from anemia_dist.sources import Sample
+from anemia_dist.tasks import ClassifyTask
 from anemia_dist.torch_settings import CUBLAS_WORKSPACE, make_deterministic
 from anemia_dist.trainer import (
     Training,
@@ -328,7 +330,8 @@ def compiles_per_epoch(epochs: int) -> tuple[list[int], int]:
         return DataLoader(TensorDataset(torch.randn(n, 3, 12, 12), torch.randint(0, 2, (n,))), batch_size=4, **kwargs)
 
     prepared = accelerator.prepare(model, build_optimizer(model, cfg), loader(11, shuffle=True), loader(6))
-    training = Training(*prepared[:2], None, *prepared[2:], torch.ones(2))
+    task = ClassifyTask(cfg, SimpleNamespace(classes=["anemic", "non-anemic"]))
+    training = Training(*prepared[:2], None, *prepared[2:], torch.ones(2), task)
     watcher, progress, counts = PreemptionWatcher(accelerator), TrainingProgress(), []
     torch.compiler.reset()
     try:
