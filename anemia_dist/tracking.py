@@ -66,6 +66,7 @@ def wandb_init_kwargs(cfg: Config, run_id: str | None, mode: str) -> dict[str, A
         "name": _display_name(cfg),
         "entity": cfg.tracking.entity,
         "tags": cfg.tracking.tags or None,
+        "group": cfg.tracking.group,
         "mode": mode,
         "id": run_id,
         "resume": "allow" if run_id else None,
