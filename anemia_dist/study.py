@@ -18,6 +18,8 @@ import dataclasses
 import json
 import os
 from collections import Counter, defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from typing import Any
 import numpy as np
 from accelerate import PartialState
 from accelerate.logging import get_logger
+from accelerate.utils import parse_flag_from_env
 from sklearn.model_selection import StratifiedGroupKFold
 
 from .audit import audit_data
@@ -36,6 +39,9 @@ from .sources import Sample
 from .splits import _exclusions, assign_units
 
 logger = get_logger(__name__)
+
+FORK_LAUNCHED = "FORK_LAUNCHED"
+"""Accelerate's flag for processes it did not start: it then never destroys their process group."""
 
 FOLD_COLUMNS = ["path", "label", "group", "site", "unit", "fold"]
 """The columns of ``folds.csv``; a fold's manifests hold the first four."""
@@ -255,11 +261,28 @@ def _plan_on_main(cfg: Config, is_main: bool) -> StudyPlan:
     return result
 
 
+@contextmanager
+def process_group_kept(state: PartialState) -> Iterator[None]:
+    """Each fold's ``end_training`` would destroy the process group the next fold trains in; Accelerate
+    leaves it alone for fork-launched processes, so the folds run as such and the study ends it."""
+    launched, flag = state.fork_launched, os.environ.get(FORK_LAUNCHED)
+    os.environ[FORK_LAUNCHED] = "1"  # each Accelerator re-reads it
+    state.fork_launched = True
+    try:
+        yield
+    finally:
+        state.fork_launched = launched
+        if flag is None:
+            os.environ.pop(FORK_LAUNCHED)
+        else:
+            os.environ[FORK_LAUNCHED] = flag
+
+
 def run_study(cfg: Config) -> dict[str, Any] | None:
     """Every fold not done yet (or only study.fold), then the pooled study; the study on the main process."""
     from .study_report import pool_study
 
-    state = PartialState()
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as Accelerator() reads it
     if not cfg.run.name:
         raise ConfigError("run.name: a study needs a name (its directory, and its W&B group); e.g. run.name=cv5")
     study_dir = Path(cfg.run.output_dir) / cfg.run.name
@@ -270,13 +293,15 @@ def run_study(cfg: Config) -> dict[str, Any] | None:
     if cfg.study.fold is not None and cfg.study.fold >= len(plan.names):
         raise ConfigError(f"study.fold: must be in 0..{len(plan.names) - 1} ({len(plan.names)} folds)")
     folds = range(len(plan.names)) if cfg.study.fold is None else [cfg.study.fold]
-    for fold in folds:
-        if fold_done(study_dir, fold):
-            logger.info(f"study: {plan.names[fold]} is done; not trained again", main_process_only=True)
-            continue
-        run_fold(cfg, plan, study_dir, fold)
+    with process_group_kept(state):
+        for fold in folds:
+            if fold_done(study_dir, fold):
+                logger.info(f"study: {plan.names[fold]} is done; not trained again", main_process_only=True)
+                continue
+            run_fold(cfg, plan, study_dir, fold)
     result = None
     if cfg.study.fold is None and state.is_main_process:
         result = pool_study(study_dir, cfg)
     state.wait_for_everyone()
+    state.destroy_process_group()
     return result
