@@ -35,6 +35,9 @@ def test_study_stopped_after_one_fold_continues_with_only_the_missing_folds(tmp_
     cv3 = out / "cv3"
     assert (cv3 / "fold-0" / TEST_JSON).is_file() and not (cv3 / "fold-1").joinpath(METRICS).exists()
     assert not (cv3 / STUDY_JSON).exists()
+    partial = check(run_cli("study-report", str(cv3)))  # pools whatever folds are done
+    assert "1 of 3 folds" in partial.stdout
+    assert json.loads((cv3 / STUDY_JSON).read_text())["folds_done"] == 1
     fold0 = (cv3 / "fold-0" / METRICS).read_bytes(), (cv3 / "fold-0" / METRICS).stat().st_mtime_ns
     result = check(study(manifest, out, name, "eval.prevalence=0.2"))
     assert "fold-0 is done; not trained again" in result.stderr + result.stdout

@@ -14,6 +14,7 @@ import pytest
 from helpers import make_manifest, write_csv
 from sklearn.metrics import roc_auc_score
 
+from anemia_dist import tracking
 from anemia_dist.config import load_config
 from anemia_dist.errors import ConfigError, DataError
 from anemia_dist.run_dir import FOLDS, TEST_DATA, TRAIN_DATA
@@ -80,6 +81,8 @@ def test_fold_config_trains_on_the_fold_manifest_and_resumes_its_own_run(tmp_pat
     fold = fold_config(cfg, plan, tmp_path / "loso", 1)
     assert fold.data.manifest == str(tmp_path / "loso" / "fold-1" / TRAIN_DATA)
     assert (fold.run.name, fold.run.resume, fold.tracking.group) == ("fold-1", "auto", "loso")
+    kwargs = tracking.wandb_init_kwargs(fold, None, "offline")
+    assert (kwargs["group"], kwargs["name"]) == ("loso", "loso/site1")  # the fold runs share one W&B group
     assert fold.data.site_column is None  # two training sites cannot give 5 site-held-out validation folds
     assert cfg.data.manifest == str(manifest)  # the study's config is untouched
 
