@@ -234,7 +234,8 @@ def test_study_array_runs_one_fold_per_task_requeues_a_preempted_task_alone_and_
     assert all(t["JobState"] == "COMPLETED" for t in tasks.values()), outputs[1][-5000:]
     assert (tasks[0]["Restarts"], tasks[1]["Restarts"]) == ("0", "1")  # only the signalled task was requeued
     assert f"requeueing job {job}_1" in outputs[1] and "requeueing" not in outputs[0]
-    assert info["JobState"] == "COMPLETED", tmp_path / f"slurm-anemia-dist-study-{pool}_4294967294.out"
+    pooled_output = "".join(p.read_text() for p in tmp_path.glob(f"slurm-anemia-dist-study-{pool}*.out"))
+    assert info["JobState"] == "COMPLETED" and "2 of 2 folds" in pooled_output, pooled_output[-5000:]
     check(run_cli("study", *args, f"run.output_dir={tmp_path / 'one'}"))  # the same study in one launch
     arrayed = json.loads((tmp_path / "runs" / "cv2" / STUDY_JSON).read_text())
     single = json.loads((tmp_path / "one" / "cv2" / STUDY_JSON).read_text())
