@@ -203,7 +203,7 @@ def test_study_array_runs_one_fold_per_task_requeues_a_preempted_task_alone_and_
 ):
     """Fold K in array task K; task 1 is signalled mid-training, requeued alone and resumes; the pooling
     job's study.json equals that of the same study run in one launch."""
-    data = make_manifest(tmp_path / "data", {"anemic": 10, "non-anemic": 10}, per_group=2)
+    data = make_manifest(tmp_path / "data", {"anemic": 12, "non-anemic": 12}, per_group=1)
     args = [*TINY, f"data.manifest={data}", "data.val_fraction=0.34", "train.epochs=4", "early_stopping.patience=100"]
     args += ["study.folds=2", "eval.bootstrap=200", "run.name=cv2"]
     env = {"CPU_PROCESSES": "1"}
@@ -220,6 +220,8 @@ def test_study_array_runs_one_fold_per_task_requeues_a_preempted_task_alone_and_
         deadline = time.monotonic() + 300
         while not read_metrics(fold1):
             assert time.monotonic() < deadline, "fold 1 never trained an epoch"
+            output = "".join(p.read_text() for p in tmp_path.glob(f"slurm-anemia-dist-study-{job}_*.out"))
+            assert not all_tasks_finished(slurm_env, job, 2), output[-5000:]
             time.sleep(0.5)
         subprocess.run(["scancel", "--signal=USR1", "--batch", f"{job}_1"], env=slurm_env, check=True)
         wait_for(slurm_env, f"{job}_1", lambda i: int(i["Restarts"]) >= 1, timeout=120)
