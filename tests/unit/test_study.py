@@ -151,3 +151,25 @@ def test_heterogeneity_is_zero_for_agreeing_sites_and_large_for_disagreeing_ones
     disagreeing = heterogeneity([0.95, 0.60, 0.80], [0.92, 0.55, 0.76], [0.98, 0.65, 0.84])
     assert disagreeing["i2"] > 0.9
     assert heterogeneity([0.8], [0.7], [0.9])["i2"] is None
+
+
+def test_cp_anemic_plans_test_every_image_once_with_its_copies_and_one_hospital_per_site_fold(cp_anemic, monkeypatch):
+    from anemia_dist import study
+
+    real, done = study.audit_data, {}
+    monkeypatch.setattr(study, "audit_data", lambda cfg: done.setdefault(repr(cfg), real(cfg)))
+    sheet = f"data.manifest={cp_anemic / 'Anemia_Data_Collection_Sheet.csv'}"
+    plan = plan_study(load_config("cp_anemic", [sheet, "study.folds=5"]))
+    paths = [row["path"] for row in plan.rows]
+    assert len(paths) == len(set(paths)) == plan.flow["images_used"] == plan.flow["files_found"] == 615
+    fold_of_bytes = defaultdict(set)
+    for row in plan.rows:
+        fold_of_bytes[Path(row["path"]).read_bytes()].add(row["fold"])
+    assert len(fold_of_bytes) < 615 and all(len(folds) == 1 for folds in fold_of_bytes.values())  # copies together
+    assert min(plan.flow["images_per_fold"]) > 90
+
+    sites = plan_study(
+        load_config("cp_anemic", [sheet, "study.by=site", "data.site_column=HOSPITAL"] + ["data.duplicates=first"])
+    )
+    assert len(sites.names) >= 3 and all(row["site"] == sites.names[int(row["fold"])] for row in sites.rows)
+    assert sites.flow["left_out"].get("duplicate_copy", 0) > 0 and sites.flow["images_used"] < 615
