@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -105,3 +106,19 @@ def test_site_held_out_study_runs_every_fold_on_two_ranks_and_reports_sites(tmp_
         for k in range(3)
         for r in map(json.loads, (tmp_path / "loso" / f"fold-{k}" / METRICS).read_text().splitlines())
     )
+
+
+def test_cp_anemic_study_with_a_tiny_model_pools_every_image_once(cp_anemic, tmp_path):
+    sheet = f"data.manifest={cp_anemic / 'Anemia_Data_Collection_Sheet.csv'}"
+    args = ["--config", "cp_anemic", sheet, *TINY, "train.epochs=1", "eval.bootstrap=200", "train.batch_size=32"]
+    args += [f"run.output_dir={tmp_path}", "run.name=cp3", "study.folds=3", "eval.prevalence=0.2"]
+    args += ["study.subgroups=[GENDER, 'Age(Months) < 24']"]
+    check(run_cli("study", *args))
+    result = json.loads((tmp_path / "cp3" / STUDY_JSON).read_text())
+    oof = read(tmp_path / "cp3" / OOF_PREDICTIONS)
+    assert result["pooled"]["n"] == len(oof) == len({r["path"] for r in oof}) == 615
+    assert result["pooled"]["ci"]["auroc"]["method"] == "bootstrap over patients"  # copies resampled together
+    by_subgroup = defaultdict(int)
+    for row in result["subgroups"]:
+        by_subgroup[row["subgroup"]] += row["n"]
+    assert by_subgroup == {"GENDER": 615, "Age(Months) < 24": 615}

@@ -34,7 +34,7 @@ from slurm_jobs import (
 
 from anemia_dist import sweep
 from anemia_dist.preemption import PREEMPTED_EXIT_CODE
-from anemia_dist.run_dir import BEST, CONFIG, STUDY_JSON, SUMMARY, WEIGHTS, read_metrics
+from anemia_dist.run_dir import BEST, CONFIG, OOF_PREDICTIONS, STUDY_JSON, SUMMARY, WEIGHTS, read_metrics
 
 SCRIPTS = [SLURM / name for name in ("lib.sh", "node_launch.sh", "local_cluster.sh")] + sorted(SLURM.glob("*.sbatch"))
 
@@ -205,7 +205,7 @@ def test_study_array_runs_one_fold_per_task_requeues_a_preempted_task_alone_and_
     job's study.json equals that of the same study run in one launch."""
     data = make_manifest(tmp_path / "data", {"anemic": 12, "non-anemic": 12}, per_group=1)
     args = [*TINY, f"data.manifest={data}", "data.val_fraction=0.34", "train.epochs=4", "early_stopping.patience=100"]
-    args += ["study.folds=2", "eval.bootstrap=200", "run.name=cv2"]
+    args += ["study.folds=2", "eval.bootstrap=200", "run.name=cv2", "optim.lr=0.003"]
     env = {"CPU_PROCESSES": "1"}
     job = submit(
         slurm_env,
@@ -242,3 +242,5 @@ def test_study_array_runs_one_fold_per_task_requeues_a_preempted_task_alone_and_
     arrayed = json.loads((tmp_path / "runs" / "cv2" / STUDY_JSON).read_text())
     single = json.loads((tmp_path / "one" / "cv2" / STUDY_JSON).read_text())
     assert arrayed["folds_done"] == 2 and arrayed["pooled"] == single["pooled"] and arrayed["folds"] == single["folds"]
+    oof = [(tmp_path / run / "cv2" / OOF_PREDICTIONS).read_text() for run in ("runs", "one")]
+    assert oof[0] == oof[1] and len(oof[0].splitlines()) == 25  # every image's probability, to the digit
