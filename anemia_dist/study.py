@@ -159,14 +159,6 @@ def _csv_text(rows: list[dict[str, str]], columns: list[str]) -> str:
     return buffer.getvalue()
 
 
-def read_folds(study_dir: Path) -> list[dict[str, str]]:
-    path = Path(study_dir) / FOLDS
-    if not path.is_file():
-        raise DataError(f"{path}: not a study directory (no {FOLDS}); run `anemia-dist study` first")
-    with path.open(newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
 def write_plan(study_dir: Path, cfg: Config, plan: StudyPlan) -> None:
     """The plan and every fold's manifests; a rerun must find the plan it made before (same data, seed)."""
     folds_text = _csv_text(plan.rows, FOLD_COLUMNS)

@@ -8,7 +8,9 @@ PPV/NPV at ``eval.prevalence``, and the subgroup table of ``study.subgroups``.
 
 from __future__ import annotations
 
+import copy
 import csv
+import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from . import tracking
 from .config import CONDITION, Config, load_config
 from .errors import DataError
 from .metrics import (
@@ -28,7 +31,7 @@ from .metrics import (
     json_ready,
     point_metrics,
 )
-from .run_dir import CONFIG, OOF_PREDICTIONS, PREDICTIONS, STUDY_JSON, STUDY_PLAN, TEST_JSON, TEST_REPORT
+from .run_dir import CONFIG, FOLDS, OOF_PREDICTIONS, PREDICTIONS, STUDY_JSON, STUDY_PLAN, TEST_JSON, TEST_REPORT
 from .sources import _holds, read_manifest
 
 RANKING = ("loss", "auroc", "auprc", "brier", "ece")
@@ -224,6 +227,14 @@ def subgroup_table(
 # --------------------------------------------------------------------------- the study
 
 
+def read_folds(study_dir: Path) -> list[dict[str, str]]:
+    path = Path(study_dir) / FOLDS
+    if not path.is_file():
+        raise DataError(f"{path}: not a study directory (no {FOLDS}); run `anemia-dist study` first")
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
 def read_oof(study_dir: Path, plan_rows: Sequence[dict[str, str]], names: Sequence[str]) -> tuple[list, list]:
     """Out-of-fold rows of every done fold, and each done fold's test record."""
     row_of = {row["path"]: row for row in plan_rows}
@@ -248,12 +259,23 @@ def write_oof(path: Path, rows: Sequence[dict[str, str]]) -> None:
         writer.writerows(rows)
 
 
+def record_in_trackers(cfg: Config, study_dir: Path, study: dict[str, Any]) -> None:
+    """W&B: the pooled numbers (and mean ± SD across folds) as the summary of a run in the folds' group."""
+    name = study["study"]
+    pooled_cfg = copy.deepcopy(cfg)
+    pooled_cfg.run = dataclasses.replace(cfg.run, output_dir=str(study_dir.parent), name=study_dir.name)
+    pooled_cfg.tracking = dataclasses.replace(cfg.tracking, group=name, run_name=f"{name}/pooled")
+    values = {f"pooled/{k}": v for k, v in study["pooled"].items() if isinstance(v, (int, float))}
+    values |= {f"across_folds/{k}/{s}": v for k, d in study["across_folds"].items() for s, v in d.items()}
+    values |= {"folds_done": study["folds_done"], "folds_planned": study["folds_planned"]}
+    tracking.record_summary_run(pooled_cfg, values)
+
+
 FOLD_KEYS = ("fold", "name", "n", "n_positive", "n_patients", "threshold", "threshold_rule", "temperature", "ci")
 
 
 def pool_study(study_dir: Path, cfg: Config | None = None) -> dict[str, Any]:
     """``oof_predictions.csv``, ``study.json`` and ``report/study.html`` from the folds done so far."""
-    from .study import read_folds
     from .study_page import write_study_page
 
     study_dir = Path(study_dir)
@@ -297,5 +319,6 @@ def pool_study(study_dir: Path, cfg: Config | None = None) -> dict[str, Any]:
     study["subgroups"] = subgroup_table(labels, truth, score, decided, units, cfg.eval.bootstrap)
     study = json_ready(study)
     (study_dir / STUDY_JSON).write_text(json.dumps(study, indent=2) + "\n")
+    record_in_trackers(cfg, study_dir, study)
     study["report"] = str(write_study_page(study_dir, study, oof, truth, score))
     return study

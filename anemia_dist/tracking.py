@@ -255,3 +255,16 @@ def _record(
         mlflow.set_tags(texts)
     elif tracker.name == TENSORBOARD:
         tracker.log({f"summary/{k}": v for k, v in (numbers | texts).items()}, step=step)
+
+
+def record_summary_run(cfg: Config, values: dict[str, Any]) -> str | None:
+    """One more W&B run (a study's pooled numbers) holding ``values`` as its summary, in the group and
+    under the name ``cfg.tracking`` gives; returns its id, or None when W&B is not among the trackers."""
+    if WANDB not in tracker_names(cfg.tracking):
+        return None
+    tracker = _start_wandb(cfg, None)
+    tracker.store_init_configuration(cfg.to_dict())
+    tracker.run.summary.update(values)
+    run_id = tracker.run.id
+    tracker.finish()
+    return run_id

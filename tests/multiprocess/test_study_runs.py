@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
 from helpers import TINY, check, launch, make_manifest, run_cli, write_csv, write_image
+from wandb_records import read_records, summary
 
 from anemia_dist.run_dir import BEST, FOLDS, META, METRICS, OOF_PREDICTIONS, REPORT, STUDY_JSON, STUDY_PAGE, TEST_JSON
 
@@ -25,8 +27,9 @@ def read(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def study(manifest: Path, out: Path, *extra: str):
-    return run_cli("study", *FAST, f"data.manifest={manifest}", f"run.output_dir={out}", "study.folds=3", *extra)
+def study(manifest: Path, out: Path, *extra: str, **kwargs):
+    args = [*FAST, f"data.manifest={manifest}", f"run.output_dir={out}", "study.folds=3", *extra]
+    return run_cli("study", *args, **kwargs)
 
 
 def test_study_stopped_after_one_fold_continues_with_only_the_missing_folds(tmp_path):
@@ -40,7 +43,8 @@ def test_study_stopped_after_one_fold_continues_with_only_the_missing_folds(tmp_
     assert "1 of 3 folds" in partial.stdout
     assert json.loads((cv3 / STUDY_JSON).read_text())["folds_done"] == 1
     fold0 = (cv3 / "fold-0" / METRICS).read_bytes(), (cv3 / "fold-0" / METRICS).stat().st_mtime_ns
-    result = check(study(manifest, out, name, "eval.prevalence=0.2"))
+    wandb_env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path)}
+    result = check(study(manifest, out, name, "eval.prevalence=0.2", "tracking.wandb=offline", env=wandb_env))
     assert "fold-0 is done; not trained again" in result.stderr + result.stdout
     assert ((cv3 / "fold-0" / METRICS).read_bytes(), (cv3 / "fold-0" / METRICS).stat().st_mtime_ns) == fold0
     assert all((cv3 / f"fold-{k}" / TEST_JSON).is_file() for k in range(3))
@@ -60,6 +64,15 @@ def test_study_stopped_after_one_fold_continues_with_only_the_missing_folds(tmp_
         rows = [r for r in oof if r["fold"] == str(fold["fold"])]
         assert all((float(r["probability"]) >= meta["threshold"]) == (r["prediction"] == "anemic") for r in rows)
     assert (cv3 / REPORT / STUDY_PAGE).read_text().count("data:image/png;base64") == 5
+
+    runs = {}  # W&B: the folds trained now and the pooled run share the study's group
+    for path in (tmp_path / "wandb").glob("offline-run-*/run-*.wandb"):
+        records = read_records(path)
+        (run,) = [r.run for r in records if r.HasField("run")][:1]
+        runs[run.display_name] = (run.run_group, summary(records))
+    assert sorted(runs) == ["cv3/fold-1", "cv3/fold-2", "cv3/pooled"]
+    assert {group for group, _ in runs.values()} == {"cv3"}
+    assert runs["cv3/pooled"][1]["pooled/auroc"] == pytest.approx(pooled["pooled"]["auroc"])
 
     again = check(study(manifest, out, name))  # a finished study only pools again
     assert "training fold" not in again.stderr + again.stdout
