@@ -81,7 +81,7 @@ def plot_forest(study: dict[str, Any], path: Path) -> None:
             if ci["low"] is not None:
                 axis.plot([ci["low"], ci["high"]], [y, y], color=colour)
             axis.plot(value, y, "D" if y == len(folds) else "s", color=colour)
-        axis.set(xlim=(0, 1), title=metric)
+        axis.set(xlim=(-0.02, 1.02), title=metric)
         axis.grid(alpha=0.3, axis="x")
     axes[0].set_yticks(range(len(labels)), labels)
     axes[0].invert_yaxis()
