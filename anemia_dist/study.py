@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
+import io
 import json
 import os
 from collections import Counter, defaultdict
@@ -150,8 +151,6 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def _csv_text(rows: list[dict[str, str]], columns: list[str]) -> str:
-    import io
-
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
