@@ -19,6 +19,7 @@ the intermediate one.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 
@@ -167,19 +168,26 @@ def color_jitter(images: torch.Tensor, params: AugmentParams, scale: float = 1.0
     return _jitter_step(images, second, params.brightness_first)
 
 
-def normalize(images: torch.Tensor, memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
-    """ImageNet normalisation, written straight into ``memory_format`` (one pass)."""
-    _, inverse_std, shift = _constants(images.device)
+def normalize(
+    images: torch.Tensor,
+    memory_format: torch.memory_format = torch.contiguous_format,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> torch.Tensor:
+    """The backbone's normalisation (ImageNet's by default), written straight into ``memory_format`` (one pass)."""
+    _, inverse_std, shift = _constants(images.device, tuple(mean), tuple(std))
     out = torch.empty_like(images, memory_format=memory_format)
     return torch.addcmul(shift, images, inverse_std, out=out)
 
 
 @cache
-def _constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _constants(
+    device: torch.device, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Grey weights, 1/std and -mean/std on ``device``, copied there once: a host-to-device copy
     of a fresh tensor makes the host wait for the device."""
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    shift = -torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) / std
+    std = torch.tensor(std).view(1, 3, 1, 1)
+    shift = -torch.tensor(mean).view(1, 3, 1, 1) / std
     return tuple(t.to(device) for t in (torch.tensor(GREY_WEIGHTS), 1.0 / std, shift))
 
 
@@ -215,22 +223,36 @@ def resize(images: torch.Tensor, image_size: int) -> torch.Tensor:
 class TrainAugment:
     """Random augmentation + normalisation of a cached uint8 batch, on the batch's device."""
 
-    def __init__(self, image_size: int, channels_last: bool = True, ranges: AugmentRanges | None = None):
+    def __init__(
+        self,
+        image_size: int,
+        channels_last: bool = True,
+        ranges: AugmentRanges | None = None,
+        normalization: tuple[Sequence[float], Sequence[float]] = (IMAGENET_MEAN, IMAGENET_STD),
+    ):
         self.image_size = image_size
         self.ranges = ranges or AugmentRanges.from_pil_pipeline(image_size)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.normalization = normalization
+        """(mean, std) of the backbone's pretraining."""
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         params = sample_params(images.shape[0], self.image_size, self.ranges, images.device)
-        return normalize(augment(images, params, self.image_size), self.memory_format)
+        return normalize(augment(images, params, self.image_size), self.memory_format, *self.normalization)
 
 
 class EvalResize:
     """Validation: resize + normalisation only, deterministic."""
 
-    def __init__(self, image_size: int, channels_last: bool = True):
+    def __init__(
+        self,
+        image_size: int,
+        channels_last: bool = True,
+        normalization: tuple[Sequence[float], Sequence[float]] = (IMAGENET_MEAN, IMAGENET_STD),
+    ):
         self.image_size = image_size
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.normalization = normalization
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return normalize(resize(images, self.image_size), self.memory_format)
+        return normalize(resize(images, self.image_size), self.memory_format, *self.normalization)

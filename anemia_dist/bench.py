@@ -201,7 +201,7 @@ class Trainer:
         mixed_precision = "bf16" if args.precision == "bf16" else "no"
         self.accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=mixed_precision)
         self.cfg = cfg
-        model = build_model(cfg.model, num_classes=len(class_weights))
+        model = build_model(cfg.model, len(class_weights), cfg.data.image_size)
         freeze_backbone(model)
         apply_speed_settings(model, cfg.train)
         self.model, self.optimizer = self.accelerator.prepare(model, build_optimizer(model, cfg))

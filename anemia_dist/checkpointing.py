@@ -26,9 +26,9 @@ from safetensors.torch import save_file
 from .config import Config
 from .errors import CheckpointMismatch, ConfigError
 from .metrics import OperatingPoint
+from .model import preprocessing
 from .progress import TrainingProgress
 from .run_dir import BEST, CHECKPOINT_INFO, CHECKPOINTS, META, WEIGHTS
-from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
 PREFIX = "epoch-"
 TMP_PREFIX = ".tmp-"
@@ -72,6 +72,7 @@ class Checkpointer:
             "unfreeze_layers": cfg.unfreeze.layers,
         }
         """What a checkpoint's tensors depend on: resuming with anything else is refused."""
+        backbone = preprocessing(cfg.model.arch)
         self.model_meta = {
             "arch": cfg.model.arch,
             "classes": classes,
@@ -79,6 +80,8 @@ class Checkpointer:
             "alpha_background": cfg.data.alpha_background,
             "hidden": cfg.model.hidden,
             "dropout": cfg.model.dropout,
+            "normalization": {"mean": backbone["mean"], "std": backbone["std"]},
+            "pretrained_input_size": backbone["pretrained_input_size"],
         }
         """What inference needs to rebuild the model and feed it as training did."""
 
@@ -174,7 +177,6 @@ class Checkpointer:
         weights = self.accelerator.unwrap_model(model).state_dict()
         state = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
         meta = {
-            "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
             **self.model_meta,
             "epoch": epoch,
             "val_loss": val_loss,

@@ -197,10 +197,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_fetch_weights(args: argparse.Namespace) -> int:
-    from .model import fetch_imagenet_weights
+    from .model import fetch_weights
 
-    path = fetch_imagenet_weights(args.arch)
-    print(f"ImageNet weights for {args.arch} are in {path}")
+    ModelConfig(arch=args.arch, weights="none")  # a misspelt arch fails as in training
+    path = fetch_weights(args.arch)
+    print(f"pretrained weights for {args.arch} are in {path}")
     return 0
 
 
@@ -231,8 +232,11 @@ def _add_audit_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_fetch_parser(sub: argparse._SubParsersAction) -> None:
-    fetch = sub.add_parser("fetch-weights", help="download ImageNet weights into the torch hub cache")
-    fetch.add_argument("--arch", default="resnet50", choices=ARCHS)
+    fetch = sub.add_parser(
+        "fetch-weights",
+        help="download pretrained weights into the local cache (torch hub; Hugging Face hub for timm:<name>)",
+    )
+    fetch.add_argument("--arch", default=ModelConfig.arch, help=f"{', '.join(ARCHS)} or timm:<name>")
     fetch.set_defaults(func=cmd_fetch_weights)
 
 
@@ -240,7 +244,7 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="input-pipeline and training throughput, PIL vs cached pipeline (JSON)")
     bench.add_argument("--data", help="folder of images to use (searched recursively); default: generated JPEGs")
     bench.add_argument("--output", default="bench.json", help="where to write the JSON results")
-    bench.add_argument("--arch", default=ModelConfig.arch, choices=ARCHS)
+    bench.add_argument("--arch", default=ModelConfig.arch, help=f"{', '.join(ARCHS)} or timm:<name>")
     bench.add_argument("--image-size", type=int, default=DataConfig.image_size)
     bench.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     bench.add_argument(

@@ -26,6 +26,10 @@ ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
 """torchvision ResNets with a 2048- or 512-feature ``fc`` the head replaces."""
 BACKBONE_STAGES = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")
 """The ResNet stages, input to output: what ``unfreeze.layers`` may name."""
+TIMM_PREFIX = "timm:"
+"""``model.arch=timm:<name>``: any timm backbone (its stages are checked when the model is built)."""
+LAST_STAGE = "last"
+"""In ``unfreeze.layers``: the backbone's final stage (ResNet's ``layer4``)."""
 RENAMED_KEYS = {"unfreeze.epoch": "unfreeze.head_only_epochs"}
 """Old dotted key -> new: the old one is still read, with a warning."""
 
@@ -200,14 +204,20 @@ class ModelConfig:
     """The backbone and the classification head."""
 
     arch: str = "resnet50"
+    """A torchvision ResNet, or ``timm:<name>`` for any timm backbone (docs/backbones.md)."""
     weights: str = "imagenet"
-    """``imagenet`` (torchvision's weights from the local torch hub cache), ``none`` (random
-    init, for tests) or a path to a state dict (.safetensors / .pt)."""
+    """``imagenet`` (the pretrained weights from the local cache: torchvision's torch hub cache, or
+    for timm backbones the Hugging Face hub cache), ``none`` (random init, for tests) or a path to
+    a state dict (.safetensors / .pt)."""
     hidden: int = 512
     dropout: float = 0.5
 
     def __post_init__(self) -> None:
-        _check(self.arch in ARCHS, "model.arch", f"must be one of {', '.join(ARCHS)}, got {self.arch!r}")
+        _check(
+            self.arch in ARCHS or (self.arch.startswith(TIMM_PREFIX) and len(self.arch) > len(TIMM_PREFIX)),
+            "model.arch",
+            f"must be one of {', '.join(ARCHS)} or {TIMM_PREFIX}<timm model name>, got {self.arch!r}",
+        )
         _check(self.hidden >= 1, "model.hidden", f"must be >= 1, got {self.hidden}")
         _check(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {self.dropout}")
         if self.weights not in ("imagenet", "none"):
@@ -251,14 +261,13 @@ class UnfreezeConfig:
     head_only_epochs: int = 5
     """Epochs that train the head alone: the listed layers train from epoch ``head_only_epochs + 1``
     on (formerly ``unfreeze.epoch``, still read with a warning)."""
-    layers: list[str] = field(default_factory=lambda: ["layer4"])
+    layers: list[str] = field(default_factory=lambda: [LAST_STAGE])
+    """Backbone stages to unfreeze; ``last`` is the final one (ResNet: ``layer4``)."""
     plateau_patience: int | None = None
     """Unfreeze early when the validation loss has not improved for this many head-only epochs."""
 
     def __post_init__(self) -> None:
         _check(self.head_only_epochs >= 0, "unfreeze.head_only_epochs", f"must be >= 0, got {self.head_only_epochs}")
-        unknown = [name for name in self.layers if name not in BACKBONE_STAGES]
-        _check(not unknown, "unfreeze.layers", f"unknown stage(s) {unknown}; choose from {sorted(BACKBONE_STAGES)}")
         if self.plateau_patience is not None:
             _check(self.plateau_patience >= 1, "unfreeze.plateau_patience", "must be >= 1 or null")
 
@@ -284,6 +293,12 @@ class TrainConfig:
     channels_last: bool = True
     """Channels-last (NHWC) convolution weights, and (data.pipeline=gpu) batches: the layout
     cuDNN's tensor cores and oneDNN run fastest. Checkpoints are saved contiguous either way."""
+    sampler: Literal["shuffle", "balanced"] = "shuffle"
+    """``shuffle``: every training image once per epoch, in a new order; ``balanced``: as many
+    draws, with replacement, each class equally likely (:mod:`anemia_dist.sampling`)."""
+    class_weights: Literal["balanced", "none"] = "balanced"
+    """``balanced``: the loss weighs each class by n / (k * count), sklearn's 'balanced'; ``none``:
+    unweighted (usual with ``sampler=balanced``, which balances the classes already)."""
     compile: bool = False
     """``torch.compile`` the model (in place: same state-dict keys; recompiles once after the
     unfreeze). Pays on long GPU runs; the first steps wait for compilation."""
@@ -291,6 +306,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
         _check(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
+        if self.sampler == "balanced" and self.class_weights == "balanced":
+            warnings.warn(
+                "train.sampler=balanced with train.class_weights=balanced corrects the class imbalance twice "
+                "(the rare class is drawn more often and weighs more); usually train.class_weights=none",
+                stacklevel=2,
+            )
 
 
 @dataclass
@@ -448,6 +469,20 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
+
+    def __post_init__(self) -> None:
+        """ResNet stages are known here: ``last`` becomes ``layer4`` and unknown names stop now
+        (a timm backbone's are checked when it is built)."""
+        if self.model.arch.startswith(TIMM_PREFIX):
+            return
+        layers = [BACKBONE_STAGES[-1] if name == LAST_STAGE else name for name in self.unfreeze.layers]
+        unknown = [name for name in layers if name not in BACKBONE_STAGES]
+        _check(
+            not unknown,
+            "unfreeze.layers",
+            f"unknown stage(s) {unknown} of {self.model.arch}; choose from {list(BACKBONE_STAGES)} or {LAST_STAGE}",
+        )
+        self.unfreeze.layers = list(dict.fromkeys(layers))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

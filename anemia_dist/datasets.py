@@ -36,6 +36,8 @@ from .batch_augment import EvalResize, TrainAugment
 from .config import Config, DataConfig
 from .errors import DataError
 from .images import load_rgb, working_size
+from .model import preprocessing
+from .sampling import BalancedSampler
 from .sources import Sample
 from .splits import SplitData
 from .transforms import eval_transform, train_transform
@@ -183,7 +185,9 @@ class CachedImages(Dataset):
         return self.images[index], self.labels[index]
 
 
-def cached_datasets(cfg: DataConfig, split: SplitData, channels_last: bool) -> tuple[CachedImages, CachedImages]:
+def cached_datasets(
+    cfg: DataConfig, split: SplitData, channels_last: bool, normalization: tuple[Sequence[float], Sequence[float]]
+) -> tuple[CachedImages, CachedImages]:
     """The training set at the working size, the validation set straight at the training size.
 
     Validation images are decoded at ``image_size``, so training-time validation sees the same
@@ -209,8 +213,14 @@ def cached_datasets(cfg: DataConfig, split: SplitData, channels_last: bool) -> t
         f"validation images at {sizes['val']}px, {megabytes:.1f} MiB per process; {stats.decoded} decoded{stored}"
     )
     return (
-        CachedImages(images["train"], [s.label for s in split.train], TrainAugment(cfg.image_size, channels_last)),
-        CachedImages(images["val"], [s.label for s in split.val], EvalResize(cfg.image_size, channels_last)),
+        CachedImages(
+            images["train"],
+            [s.label for s in split.train],
+            TrainAugment(cfg.image_size, channels_last, normalization=normalization),
+        ),
+        CachedImages(
+            images["val"], [s.label for s in split.val], EvalResize(cfg.image_size, channels_last, normalization)
+        ),
     )
 
 
@@ -240,16 +250,25 @@ def make_loaders(cfg: Config, split: SplitData, pin_memory: bool) -> tuple[DataL
         pin_memory=pin_memory,
         persistent_workers=workers > 0,
     )
+    backbone = preprocessing(cfg.model.arch)
+    normalization = (backbone["mean"], backbone["std"])
     if cfg.data.pipeline == "gpu":
-        train, val = cached_datasets(cfg.data, split, cfg.train.channels_last)
+        train, val = cached_datasets(cfg.data, split, cfg.train.channels_last, normalization)
     else:
         background = cfg.data.alpha_background
-        train = ImageDataset(split.train, train_transform(cfg.data.image_size), background)
-        val = ImageDataset(split.val, eval_transform(cfg.data.image_size), background)
+        train = ImageDataset(split.train, train_transform(cfg.data.image_size, *normalization), background)
+        val = ImageDataset(split.val, eval_transform(cfg.data.image_size, *normalization), background)
     # Own generators: creating a loader iterator otherwise draws from the global RNG, which the
     # checkpoints restore, and a mid-epoch resume (a fresh iterator) would start one draw off.
+    order = BalancedSampler([s.label for s in split.train], cfg.train.seed) if cfg.train.sampler == "balanced" else None
     return (
-        DataLoader(train, shuffle=True, generator=torch.Generator().manual_seed(cfg.train.seed), **common),
+        DataLoader(
+            train,
+            shuffle=order is None,
+            sampler=order,
+            generator=torch.Generator().manual_seed(cfg.train.seed),
+            **common,
+        ),
         DataLoader(val, shuffle=False, generator=torch.Generator().manual_seed(cfg.train.seed), **common),
     )
 

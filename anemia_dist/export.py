@@ -44,11 +44,10 @@ from torch import nn
 from . import __version__
 from .datasets import decode
 from .errors import ConfigError, DataError
-from .inference import load_best
+from .inference import load_best, normalization
 from .metrics import OperatingPoint, negative_name
 from .run_dir import META, SPLITS
 from .sources import Sample, load_source
-from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
 FORMATS = ("onnx", "torchscript")
 INPUT_NAME = "image"
@@ -148,7 +147,8 @@ def portable_model(directory: str | Path) -> tuple[PortableModel, dict[str, str]
     directory = Path(directory)
     network, meta = load_best(directory)
     readout = readout_for(meta, str(directory / META))
-    preprocess = Preprocess(meta["image_size"], IMAGENET_MEAN, IMAGENET_STD)  # predict's constants (EvalResize)
+    mean, std = normalization(meta)
+    preprocess = Preprocess(meta["image_size"], mean, std)  # predict's constants (EvalResize)
     model = PortableModel(preprocess, network, readout.module).eval()
     metadata = {
         "anemia_dist_version": __version__,
@@ -161,7 +161,7 @@ def portable_model(directory: str | Path) -> tuple[PortableModel, dict[str, str]
         "output_name": readout.output_name,
         "image_size": meta["image_size"],
         "background": list(meta["alpha_background"]),
-        "normalization": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD},
+        "normalization": {"mean": mean, "std": std},
         **readout.metadata,
     }
     return model, {key: value if isinstance(value, str) else json.dumps(value) for key, value in metadata.items()}

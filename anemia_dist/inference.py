@@ -34,6 +34,7 @@ from .model import build_model
 from .report import write_report
 from .run_dir import META, PREDICTIONS, WEIGHTS, read_metrics
 from .sources import Sample, find_image_files, load_source
+from .transforms import IMAGENET_MEAN, IMAGENET_STD
 from .validation import validate
 
 logger = get_logger(__name__)
@@ -53,7 +54,7 @@ def load_best(directory: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild the exported model (``RUN/best``) for inference: eval mode, on the CPU."""
     meta = read_meta(directory)
     arch = ModelConfig(arch=meta["arch"], weights="none", hidden=meta["hidden"], dropout=meta["dropout"])
-    model = build_model(arch, len(meta["classes"]))
+    model = build_model(arch, len(meta["classes"]), meta["image_size"])
     model.load_state_dict(load_file(str(Path(directory) / WEIGHTS)))
     return model.eval(), meta
 
@@ -71,7 +72,13 @@ def model_inputs(samples: Sequence[Sample], meta: dict[str, Any], cache_dir: str
     scores it was chosen on."""
     size = meta["image_size"]
     decoded = DecodedOnAccess([s.path for s in samples], size, meta["alpha_background"], cache_dir)
-    return CachedImages(decoded, [s.label for s in samples], EvalResize(size))
+    return CachedImages(decoded, [s.label for s in samples], EvalResize(size, normalization=normalization(meta)))
+
+
+def normalization(meta: dict[str, Any]) -> tuple[list[float], list[float]]:
+    """The (mean, std) training normalised with (ImageNet's in checkpoints from before meta.json held it)."""
+    saved = meta.get("normalization", {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)})
+    return saved["mean"], saved["std"]
 
 
 # --------------------------------------------------------------------------- evaluate

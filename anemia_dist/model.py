@@ -1,4 +1,5 @@
-"""The ResNet backbone with its classification head, pretrained weights, freezing and unfreezing."""
+"""The backbone (a torchvision ResNet or a timm model) with its classification head, pretrained
+weights, preprocessing, freezing and unfreezing by stage."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import torch
 import torchvision
 from torch import nn
 
-from .config import BACKBONE_STAGES, ModelConfig
-from .errors import WeightsError
+from .backbones import TimmClassifier, build_timm, fetch_timm_weights, pretrained_cfg, timm_stages
+from .config import BACKBONE_STAGES, LAST_STAGE, TIMM_PREFIX, ModelConfig
+from .errors import ConfigError, WeightsError
+from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
 def imagenet_weights(arch: str) -> torchvision.models.WeightsEnum:
@@ -19,6 +22,20 @@ def imagenet_weights(arch: str) -> torchvision.models.WeightsEnum:
 def imagenet_cache_path(arch: str) -> Path:
     """Where torchvision keeps the downloaded file (``$TORCH_HOME/hub/checkpoints``)."""
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(imagenet_weights(arch).url).name
+
+
+def fetch_weights(arch: str) -> Path:
+    """Download the pretrained weights of ``arch`` into its local cache (needs internet)."""
+    return fetch_timm_weights(arch) if arch.startswith(TIMM_PREFIX) else fetch_imagenet_weights(arch)
+
+
+def preprocessing(arch: str) -> dict:
+    """The normalisation the backbone was pretrained with, and its pretrained input size."""
+    if not arch.startswith(TIMM_PREFIX):
+        return {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "pretrained_input_size": 224}
+    cfg = pretrained_cfg(arch)
+    mean, std = cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD)
+    return {"mean": list(mean), "std": list(std), "pretrained_input_size": cfg.get("input_size", (3, 224))[-1]}
 
 
 def fetch_imagenet_weights(arch: str) -> Path:
@@ -63,13 +80,18 @@ def build_head(in_features: int, hidden: int, dropout: float, num_classes: int) 
     )
 
 
-def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
-    """torchvision ResNet with the methodology's head, every parameter trainable: training
-    freezes the backbone itself (:func:`freeze_backbone`), where the loop shows it."""
-    model = torchvision.models.get_model(cfg.arch, weights=None)
-    if cfg.weights == "imagenet":
-        _load_imagenet(model, cfg.arch)
-    model.fc = build_head(model.fc.in_features, cfg.hidden, cfg.dropout, num_classes)
+def build_model(cfg: ModelConfig, num_classes: int, image_size: int | None = None) -> nn.Module:
+    """The backbone with the methodology's head (``fc``) on its pooled features, every parameter
+    trainable: training freezes the backbone itself (:func:`freeze_backbone`), where the loop shows it.
+    ``image_size``: the input size, for backbones built for one (ViTs)."""
+    if cfg.arch.startswith(TIMM_PREFIX):
+        backbone = build_timm(cfg.arch, cfg.weights == "imagenet", image_size)
+        model = TimmClassifier(backbone, build_head(backbone.num_features, cfg.hidden, cfg.dropout, num_classes))
+    else:
+        model = torchvision.models.get_model(cfg.arch, weights=None)
+        if cfg.weights == "imagenet":
+            _load_imagenet(model, cfg.arch)
+        model.fc = build_head(model.fc.in_features, cfg.hidden, cfg.dropout, num_classes)
     if cfg.weights not in ("imagenet", "none"):
         load_weights_file(model, Path(cfg.weights))
     return model
@@ -100,30 +122,57 @@ def freeze_backbone(model: nn.Module) -> None:
         parameter.requires_grad = name.startswith("fc.")
 
 
+def backbone_stages(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """The stages ``unfreeze.layers`` may name, input to output, with their parameters."""
+    if isinstance(model, TimmClassifier):
+        return timm_stages(model.backbone)
+    return {stage: list(getattr(model, stage).parameters()) for stage in BACKBONE_STAGES}
+
+
+def resolve_stages(model: nn.Module, names: list[str]) -> list[str]:
+    """``unfreeze.layers`` as stage names of this backbone (``last``: its final stage)."""
+    stages = list(backbone_stages(model))
+    resolved = [stages[-1] if name == LAST_STAGE else name for name in names]
+    unknown = [name for name in resolved if name not in stages]
+    if unknown:
+        raise ConfigError(
+            f"unfreeze.layers: unknown stage(s) {unknown} of this backbone; choose from {stages} or {LAST_STAGE}"
+        )
+    return list(dict.fromkeys(resolved))
+
+
 def unfreeze(model: nn.Module, stages: list[str]) -> None:
     """The named backbone stages train from now on (under DDP the wrapper must be rebuilt too)."""
-    for stage in stages:
-        for parameter in getattr(model, stage).parameters():
+    parameters = backbone_stages(model)
+    for stage in resolve_stages(model, stages):
+        for parameter in parameters[stage]:
             parameter.requires_grad = True
 
 
 def trainable_stages(model: nn.Module) -> list[str]:
-    return [s for s in BACKBONE_STAGES if any(p.requires_grad for p in getattr(model, s).parameters())]
+    return [stage for stage, params in backbone_stages(model).items() if any(p.requires_grad for p in params)]
+
+
+def is_norm(module: nn.Module) -> bool:
+    """BatchNorm, LayerNorm, GroupNorm, InstanceNorm, timm's norm layers."""
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) or "Norm" in type(module).__name__
 
 
 def set_train_mode(model: nn.Module) -> None:
-    """``model.train()``, but BatchNorm in frozen stages stays in eval mode.
+    """``model.train()``, but norm layers whose parameters are frozen stay in eval mode.
 
     A frozen BatchNorm in train mode still updates its running statistics from head-only
     batches, silently changing the pretrained backbone (and DDP would broadcast rank 0's).
+    A norm layer without parameters follows the module that holds it.
     """
     model.train()
-    for stage in BACKBONE_STAGES:
-        module = getattr(model, stage)
-        if not any(p.requires_grad for p in module.parameters()):
-            for child in module.modules():
-                if isinstance(child, nn.modules.batchnorm._BatchNorm):
-                    child.eval()
+    modules = dict(model.named_modules())
+    for name, module in modules.items():
+        if not is_norm(module):
+            continue
+        owner = module if any(True for _ in module.parameters()) else modules[name.rpartition(".")[0]]
+        if not any(p.requires_grad for p in owner.parameters()):
+            module.eval()
 
 
 def optimizer_param_groups(model: nn.Module, unfreeze_stages: list[str]) -> list[dict]:
@@ -132,6 +181,7 @@ def optimizer_param_groups(model: nn.Module, unfreeze_stages: list[str]) -> list
     Frozen parameters have no gradient, so Adam leaves them alone until they are unfrozen;
     the optimizer (and its saved state) never changes shape mid-run.
     """
+    parameters = backbone_stages(model)
     groups = [{"name": "head", "params": list(model.fc.parameters())}]
-    groups += [{"name": stage, "params": list(getattr(model, stage).parameters())} for stage in unfreeze_stages]
+    groups += [{"name": stage, "params": parameters[stage]} for stage in resolve_stages(model, unfreeze_stages)]
     return groups

@@ -35,7 +35,15 @@ from .early_stopping import EarlyStopping
 from .errors import ConfigError
 from .figures import plot_curves
 from .metrics import OperatingPoint, positive_index, require_both_classes, screening_metrics
-from .model import build_model, freeze_backbone, optimizer_param_groups, set_train_mode, trainable_stages, unfreeze
+from .model import (
+    build_model,
+    freeze_backbone,
+    optimizer_param_groups,
+    resolve_stages,
+    set_train_mode,
+    trainable_stages,
+    unfreeze,
+)
 from .preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionWatcher
 from .progress import Totals, TrainingProgress, batch_totals
 from .report import write_validation_report
@@ -100,9 +108,10 @@ def train(cfg: Config) -> dict[str, Any]:
     run = RunDirectory(resolve_run_dir(cfg), writes=accelerator.is_main_process)
     checkpointer = Checkpointer(accelerator, run.path, cfg, split.classes)
     resume_from = checkpointer.resume_point()  # a bad run.resume stops before any file is written
+    model = build_model(cfg.model, len(split.classes), cfg.data.image_size)  # so do missing weights
+    resolve_stages(model, cfg.unfreeze.layers)  # and a timm backbone's misspelt stage
     write_run_start(cfg, run, split)
     loaders = make_loaders(cfg, split, pin_memory=accelerator.device.type == "cuda")
-    model = build_model(cfg.model, len(split.classes))
     freeze_backbone(model)  # phase 1, the head alone: before DDP wraps the model, as DDP syncs what trains now
     training = prepare_training(cfg, accelerator, model, loaders, split)
     set_seed(cfg.train.seed, device_specific=True)  # own augmentation and dropout streams per rank
@@ -226,7 +235,7 @@ def prepare_training(
     split: SplitData,
 ) -> Training:
     """Class weights from the training split, optimiser, plateau scheduler; Accelerate wraps them all."""
-    class_weights = balanced_class_weights(split.train, len(split.classes)).to(accelerator.device)
+    class_weights = loss_class_weights(cfg.train, split).to(accelerator.device)
     apply_speed_settings(model, cfg.train)
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -234,6 +243,13 @@ def prepare_training(
     )
     model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(model, optimizer, *loaders, scheduler)
     return Training(model, optimizer, scheduler, train_loader, val_loader, class_weights)
+
+
+def loss_class_weights(cfg: TrainConfig, split: SplitData) -> torch.Tensor:
+    """``train.class_weights``: sklearn's 'balanced' weights from the training split, or all ones."""
+    if cfg.class_weights == "none":
+        return torch.ones(len(split.classes))
+    return balanced_class_weights(split.train, len(split.classes))
 
 
 def log_start(accelerator: Accelerator, cfg: Config, split: SplitData, run: RunDirectory) -> None:

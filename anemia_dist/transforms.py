@@ -1,7 +1,9 @@
 """The PIL pipeline's transforms: the methodology's augmentation per image (random only for training),
-and the ImageNet normalisation both pipelines use."""
+and the normalisation both pipelines use (ImageNet's, or the timm backbone's own)."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from torchvision import transforms as T
 
@@ -9,7 +11,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def train_transform(image_size: int) -> T.Compose:
+def train_transform(
+    image_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> T.Compose:
     """Resize to a square (batches must collate), then flip, rotate, jitter and affine."""
     return T.Compose(
         [
@@ -19,10 +23,12 @@ def train_transform(image_size: int) -> T.Compose:
             T.ColorJitter(brightness=0.2, contrast=0.2),
             T.RandomAffine(degrees=15, translate=(0.1, 0.1), scale=(0.8, 1.2)),
             T.ToTensor(),
-            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            T.Normalize(mean, std),
         ]
     )
 
 
-def eval_transform(image_size: int) -> T.Compose:
-    return T.Compose([T.Resize((image_size, image_size)), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+def eval_transform(
+    image_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> T.Compose:
+    return T.Compose([T.Resize((image_size, image_size)), T.ToTensor(), T.Normalize(mean, std)])

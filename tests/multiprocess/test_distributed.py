@@ -74,10 +74,10 @@ def test_plateau_cuts_lr_after_patience_plus_one_flat_epochs_on_two_ranks_as_on_
     assert rows[2][0]["world_size"] == 2
 
 
-def spy_run(tmp_path: Path, data: Path, *flags: str) -> list[dict]:
+def spy_run(tmp_path: Path, data: Path, *flags: str, overrides: tuple[str, ...] = ()) -> list[dict]:
     out = tmp_path / "spy"
     out.mkdir()
-    overrides = [
+    base = [
         *TINY,
         f"data.root={data}",
         f"run.output_dir={tmp_path / 'runs'}",
@@ -87,7 +87,7 @@ def spy_run(tmp_path: Path, data: Path, *flags: str) -> list[dict]:
         "early_stopping.patience=2",
         "train.epochs=8",
     ]
-    check(launch([script("rank_spy.py"), str(out), *flags, "--", *overrides]))
+    check(launch([script("rank_spy.py"), str(out), *flags, "--", *base, *overrides]))
     return read_ranks(out, 2)
 
 
@@ -96,8 +96,8 @@ def test_two_ranks_agree_on_every_decision_and_only_rank0_writes(tmp_path):
     rank0, rank1 = spy_run(tmp_path, data)
 
     # layer4 trains from epoch 2 on different data per rank, yet stays bit-identical
-    hashes0 = [e["layer4"] for e in rank0["epochs"]]
-    assert hashes0 == [e["layer4"] for e in rank1["epochs"]]
+    hashes0 = [e["last_stage"] for e in rank0["epochs"]]
+    assert hashes0 == [e["last_stage"] for e in rank1["epochs"]]
     assert len(set(hashes0[1:])) == len(hashes0) - 1, "layer4 changed every epoch after unfreezing"
     assert hashes0[0] != hashes0[1]
 
@@ -120,5 +120,18 @@ def test_spy_detects_layer4_drift_without_rewrapping_ddp(tmp_path):
     """Negative control: if DDP were not rebuilt after unfreezing, the ranks would drift apart."""
     data = make_image_folder(tmp_path / "data", {"anemic": 12, "non-anemic": 16})
     rank0, rank1 = spy_run(tmp_path, data, "--no-rewrap")
-    assert rank0["epochs"][0]["layer4"] == rank1["epochs"][0]["layer4"]
-    assert rank0["epochs"][1]["layer4"] != rank1["epochs"][1]["layer4"]
+    assert rank0["epochs"][0]["last_stage"] == rank1["epochs"][0]["last_stage"]
+    assert rank0["epochs"][1]["last_stage"] != rank1["epochs"][1]["last_stage"]
+
+
+def test_a_timm_backbone_unfreezes_its_last_stage_in_step_on_two_ranks(tmp_path):
+    """ConvNeXt's last stage (and its final norm) is all-reduced after the unfreeze, as ResNet's layer4;
+    with class-balanced sampling instead of class weights (one run for both: each launch costs)."""
+    data = make_image_folder(tmp_path / "data", {"anemic": 6, "non-anemic": 14})
+    arch = ("model.arch=timm:convnext_atto", "train.epochs=3", "early_stopping.patience=5")
+    sampling = ("train.sampler=balanced", "train.class_weights=none")
+    rank0, rank1 = spy_run(tmp_path, data, overrides=arch + sampling)
+    hashes = [e["last_stage"] for e in rank0["epochs"]]
+    assert hashes == [e["last_stage"] for e in rank1["epochs"]]
+    assert len(set(hashes)) == 3, "frozen in epoch 1, trained in epochs 2 and 3"
+    assert read_metrics(tmp_path / "runs" / "spy")[-1]["unfrozen"] == ["stages.3"]

@@ -2,7 +2,7 @@
 
 Usage: ``rank_spy.py OUT_DIR [--no-rewrap] -- key=value ...``. Each rank writes
 ``OUT_DIR/rank<k>.json`` with, per epoch, the validation loss it computed and a hash of its
-layer4 weights; the summary ``train`` returned on it; and every file-system write it made under
+last-stage (ResNet: layer4) weights; the summary ``train`` returned on it; and every file-system write it made under
 the run directory (recorded with a Python audit hook). Only this spy writes to OUT_DIR.
 """
 
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import anemia_dist.trainer as trainer
 from anemia_dist.config import load_config
+from anemia_dist.model import backbone_stages, resolve_stages
 
 WRITE_EVENTS = {"os.rename", "os.replace", "os.mkdir", "os.remove", "os.rmdir", "shutil.rmtree"}
 
@@ -47,9 +48,10 @@ def main() -> None:
 
     def spying_validate(accelerator, model, loader, class_weights):
         result = real_validate(accelerator, model, loader, class_weights)
-        layer4 = accelerator.unwrap_model(model).layer4.state_dict()
-        digest = hashlib.sha256(b"".join(t.detach().cpu().numpy().tobytes() for t in layer4.values())).hexdigest()
-        epochs.append({"val_loss": result.loss, "layer4": digest})
+        inner = accelerator.unwrap_model(model)
+        last = backbone_stages(inner)[resolve_stages(inner, ["last"])[0]]  # ResNet: layer4
+        digest = hashlib.sha256(b"".join(t.detach().cpu().numpy().tobytes() for t in last)).hexdigest()
+        epochs.append({"val_loss": result.loss, "last_stage": digest})
         return result
 
     trainer.validate = spying_validate

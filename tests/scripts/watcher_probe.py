@@ -54,7 +54,10 @@ def main() -> None:
                 break
     finally:
         watcher.restore()
-    print(json.dumps({"rank": rank, "stopped_after": stopped, "check_seconds_per_step": checking / stopped}))
+    row = json.dumps({"rank": rank, "stopped_after": stopped, "check_seconds_per_step": checking / stopped})
+    # One write per line: the ranks share the launcher's stdout pipe, and print() writes the text and
+    # its newline separately, so two ranks' lines could run together.
+    os.write(1, (row + "\n").encode())
     accelerator.wait_for_everyone()
     accelerator.end_training()
 
