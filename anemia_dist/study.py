@@ -18,6 +18,7 @@ import dataclasses
 import io
 import json
 import os
+import socket
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -145,7 +146,7 @@ def plan_study(cfg: Config) -> StudyPlan:
 def _write_atomic(path: Path, text: str) -> None:
     """Concurrent array tasks write the same plan: each replaces the file whole, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}")
     partial.write_text(text)
     os.replace(partial, path)
 

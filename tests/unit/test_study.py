@@ -87,6 +87,18 @@ def test_fold_config_trains_on_the_fold_manifest_and_resumes_its_own_run(tmp_pat
     assert cfg.data.manifest == str(manifest)  # the study's config is untouched
 
 
+def test_site_study_refuses_copies_filed_under_two_sites_until_duplicates_first(tmp_path):
+    manifest = manifest_with_copies(tmp_path)
+    rows = read(manifest)
+    rows[-1]["site"] = "site2" if rows[-1]["site"] != "site2" else "site1"  # a copy at another hospital
+    write_csv(manifest, rows)
+    overrides = [f"data.manifest={manifest}", "data.site_column=site", "study.by=site"]
+    with pytest.raises(DataError, match="data.duplicates=first"):
+        plan_study(load_config(None, overrides))
+    plan = plan_study(load_config(None, [*overrides, "data.duplicates=first"]))
+    assert plan.flow["left_out"] == {"duplicate_copy": 3} and len(plan.names) == 3
+
+
 def test_study_settings_are_checked_before_any_work(tmp_path):
     manifest = make_manifest(tmp_path, {"anemic": 4, "non-anemic": 4})
     with pytest.raises(ConfigError, match="data.site_column"):
