@@ -171,12 +171,12 @@ def write_plan(study_dir: Path, cfg: Config, plan: StudyPlan) -> None:
     _write_atomic(Path(study_dir) / CONFIG, cfg.to_yaml())
     _write_atomic(Path(study_dir) / STUDY_PLAN, json.dumps(plan.to_json(), indent=2) + "\n")
     _write_atomic(existing, folds_text)
-    manifest_columns = FOLD_COLUMNS[:4]
+    manifest_columns = FOLD_COLUMNS[:4]  # the test manifest adds the unit: its intervals resample copies together
     for fold in range(len(plan.names)):
         train = [row for row in plan.rows if row["fold"] != str(fold)]
         test = [row for row in plan.rows if row["fold"] == str(fold)]
         _write_atomic(fold_dir(study_dir, fold) / TRAIN_DATA, _csv_text(train, manifest_columns))
-        _write_atomic(fold_dir(study_dir, fold) / TEST_DATA, _csv_text(test, manifest_columns))
+        _write_atomic(fold_dir(study_dir, fold) / TEST_DATA, _csv_text(test, FOLD_COLUMNS[:5]))
 
 
 # --------------------------------------------------------------------------- one fold
@@ -226,7 +226,7 @@ def run_fold(cfg: Config, plan: StudyPlan, study_dir: Path, fold: int) -> dict[s
         logger.info(f"study: training {plan.names[fold]} ({directory})", main_process_only=True)
         train(fold_config(cfg, plan, study_dir, fold))
     overrides = [
-        "data.group_column=group",
+        "data.group_column=unit",
         f"data.num_workers={cfg.data.num_workers}",
         f"eval.bootstrap={cfg.eval.bootstrap}",
     ]

@@ -248,7 +248,7 @@ def read_oof(study_dir: Path, plan_rows: Sequence[dict[str, str]], names: Sequen
         with (directory / TEST_REPORT / PREDICTIONS).open(newline="") as handle:
             for row in csv.DictReader(handle):
                 planned = row_of[row["path"]]
-                oof.append({**row, "site": planned["site"], "unit": planned["unit"], "fold": str(fold)})
+                oof.append({**row, **{k: planned[k] for k in ("group", "site", "unit")}, "fold": str(fold)})
     return oof, folds
 
 
