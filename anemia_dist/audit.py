@@ -4,8 +4,10 @@ Each file is read once, hashed (SHA-256 of the bytes), and decoded as the decode
 decodes it (:func:`anemia_dist.images.decode_rgb`, JPEGs at the reduced DCT scale the training
 size allows), so a file that passes cannot crash an epoch, and a 12-megapixel photo costs the
 audit about a fifth of a full decode. Near duplicates (re-encoded, resized or re-cut copies) are
-found with a 256-bit difference hash: the grey image shrunk to 17x16 pixels, one bit per
-horizontally adjacent pair (left brighter than right). Each file's colour profile (converted to
+found with a 256-bit difference hash (the grey image shrunk to 17x16 pixels, one bit per
+horizontally adjacent pair: left brighter than right) and with the mirror/turn invariant finder
+of :mod:`anemia_dist.near_copies` (``data.near_copy_threshold``); pairs reviewed by eye as copies
+(``data.copy_review``) join them. Each file's colour profile (converted to
 sRGB by the decode) and camera (EXIF make and model) are counted, so a dataset mixing phones and
 colour spaces shows it.
 """
@@ -29,7 +31,8 @@ from PIL import Image, UnidentifiedImageError
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from .config import DataConfig
+from . import near_copies
+from .config import DataConfig, review_path
 from .images import ColourError, decode_rgb, describe_profile, embedded_profile, working_size
 from .run_dir import AUDIT_CSV, AUDIT_JSON, EXCLUDED
 from .sources import Sample, load_samples
@@ -62,6 +65,8 @@ class FileCheck:
     """The embedded colour profile's description; "" when there is none (read as sRGB) or unread."""
     camera: str = ""
     """EXIF make and model; "" when absent or unread."""
+    vector: np.ndarray | None = field(default=None, compare=False, repr=False)
+    """The near-copy finder's vector (:func:`anemia_dist.near_copies.feature`); None for a bad file."""
 
 
 def dhash(image: Image.Image) -> bytes:
@@ -78,11 +83,11 @@ def camera_name(image: Image.Image) -> str:
     return f"{make} {model}".strip()
 
 
-def check_file(path: str, min_size: int, background: Sequence[int], decode_side: int) -> FileCheck:
+def check_file(path: str, min_size: int, background: Sequence[int], decode_side: int, vector: bool = True) -> FileCheck:
     """Read, hash and decode one file; every failure becomes a finding, never an exception.
 
     ``decode_side``: as :func:`anemia_dist.images.decode_rgb`'s ``min_side``; the sizes reported
-    are the file's own."""
+    are the file's own. ``vector``: also take the near-copy finder's vector."""
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
@@ -99,6 +104,7 @@ def check_file(path: str, min_size: int, background: Sequence[int], decode_side:
             found = embedded_profile(image)
             profile = describe_profile(found) if found is not None else ""
             rgb = decode_rgb(image, tuple(background), decode_side)
+            found_vector = near_copies.feature(image) if vector else None
     except UnidentifiedImageError:
         return FileCheck(path, "not_image", f"not an image format Pillow can read ({len(data)} bytes)", digest)
     except ColourError as error:
@@ -110,7 +116,7 @@ def check_file(path: str, min_size: int, background: Sequence[int], decode_side:
     if min(width, height) < min_size:
         detail = f"{width}x{height} pixels; data.min_size={min_size}"
         return FileCheck(path, "too_small", detail, digest, b"", width, height, profile, camera)
-    return FileCheck(path, None, fmt, digest, dhash(rgb), width, height, profile, camera)
+    return FileCheck(path, None, fmt, digest, dhash(rgb), width, height, profile, camera, found_vector)
 
 
 def _popcount(words: np.ndarray) -> np.ndarray:
@@ -173,6 +179,12 @@ class AuditReport:
     min_size: int
     near_duplicate_distance: int | None
     seconds: float = 0.0
+    near_copy_threshold: float | None = None
+    """The finder's cut-off (``data.near_copy_threshold``); None when it was off."""
+    reviewed_copies: int = 0
+    """Pairs of files reviewed as copies (``data.copy_review``) found among the files."""
+    measures: list[str] = field(default_factory=list)
+    """The manifest's measurement per sample (``data.measure_column``); empty without one."""
     conflicts: list[tuple[str, int]] = field(init=False)
     """(``exact``/``near``, group index) of groups whose copies carry different labels."""
 
@@ -215,10 +227,8 @@ class AuditReport:
             ("N", "near_duplicate", self.near_groups),
         ):
             for index, group in enumerate(groups):
-                detail = f"{len(group)} files" + (
-                    f", sha256 {self.checks[group[0]].sha256[:16]}"
-                    if prefix == "E"
-                    else f", dHash distance <= {self.near_duplicate_distance} of 256 bits"
+                detail = f"{len(group)} files, " + (
+                    f"sha256 {self.checks[group[0]].sha256[:16]}" if prefix == "E" else self.near_rule()
                 )
                 rows += [self._row(kind, i, f"{prefix}{index + 1}", detail) for i in group]
         for scope, index in self.conflicts:
@@ -226,7 +236,31 @@ class AuditReport:
             name = f"{'E' if scope == 'exact' else 'N'}{index + 1}"
             labels = ", ".join(f"{label} x{count}" for label, count in Counter(self.labels[i] for i in group).items())
             rows += [self._row("conflicting_labels", i, name, f"{scope} duplicates labelled {labels}") for i in group]
+        for scope, index in self.measure_conflicts():
+            group = self.group(scope, index)
+            name = f"{'E' if scope == 'exact' else 'N'}{index + 1}"
+            values = ", ".join(sorted({self.measures[i] for i in group}))
+            rows += [self._row("conflicting_measures", i, name, f"{scope} duplicates measured {values}") for i in group]
         return rows
+
+    def near_rule(self) -> str:
+        """What made files near copies, e.g. ``dHash <= 16 of 256 bits or near-copies-1 <= 0.1``."""
+        rules = []
+        if self.near_duplicate_distance is not None:
+            rules.append(f"dHash <= {self.near_duplicate_distance} of 256 bits")
+        if self.near_copy_threshold is not None:
+            rules.append(f"{near_copies.VERSION} <= {self.near_copy_threshold:g}")
+        if self.reviewed_copies:
+            rules.append(f"{self.reviewed_copies} pairs reviewed as copies")
+        return " or ".join(rules) or "off"
+
+    def copy_counts(self) -> tuple[int, int]:
+        """(copy groups of 2+ files, exact and near copies merged; distinct pictures among the good files)."""
+        in_near = {i for group in self.near_groups for i in group}
+        exact_alone = [group for group in self.exact_groups if group[0] not in in_near]
+        contents = len({c.sha256 for c in self.checks if c.problem is None})
+        merged = sum(len({self.checks[i].sha256 for i in group}) - 1 for group in self.near_groups)
+        return len(self.near_groups) + len(exact_alone), contents - merged
 
     def _row(self, kind: str, index: int, group: str, detail: str) -> dict[str, str]:
         return {
@@ -236,6 +270,30 @@ class AuditReport:
             "group": group,
             "detail": detail,
         }
+
+    def conflict_listing(self, conflicts: Sequence[tuple[str, int]] | None = None) -> list[dict[str, object]]:
+        """Every copy group whose members carry different labels (or the ``conflicts`` given), with
+        every member's path, label and measurement."""
+        listing = []
+        for scope, index in self.conflicts if conflicts is None else conflicts:
+            group = self.group(scope, index)
+            members = [{"path": self.checks[i].path, "label": self.labels[i]} for i in group]
+            if self.measures:
+                for member, i in zip(members, group, strict=True):
+                    member["measure"] = self.measures[i]
+            listing.append({"scope": scope, "paths": [m["path"] for m in members], "members": members})
+        return listing
+
+    def measure_conflicts(self) -> list[tuple[str, int]]:
+        """(scope, group index) of copy groups whose members carry different measurements."""
+        if not self.measures:
+            return []
+        return [
+            (scope, index)
+            for scope, groups in (("exact", self.exact_groups), ("near", self.near_groups))
+            for index, group in enumerate(groups)
+            if len({self.measures[i] for i in group}) > 1
+        ]
 
     def summary(self) -> dict[str, object]:
         bad = Counter(self.checks[i].problem for i in self.bad)
@@ -251,10 +309,14 @@ class AuditReport:
             "near_duplicate_groups": len(self.near_groups),
             "near_duplicate_files": sum(map(len, self.near_groups)),
             "near_duplicate_distance": self.near_duplicate_distance,
-            "conflicting_label_groups": [
-                {"scope": scope, "paths": [self.checks[i].path for i in self.group(scope, index)]}
-                for scope, index in self.conflicts
-            ],
+            "near_copy_finder": near_copies.VERSION,
+            "near_copy_threshold": self.near_copy_threshold,
+            "reviewed_copy_pairs": self.reviewed_copies,
+            "copy_groups": self.copy_counts()[0],
+            "distinct_pictures": self.copy_counts()[1],
+            "largest_copy_group": max(map(len, self.exact_groups + self.near_groups), default=0),
+            "conflicting_label_groups": self.conflict_listing(),
+            "conflicting_measure_groups": self.conflict_listing(self.measure_conflicts()),
             **self.colour_and_cameras(),
             "min_size": self.min_size,
             "seconds": round(self.seconds, 3),
@@ -268,9 +330,12 @@ class AuditReport:
             f"data audit: {s['files']} files ({counts}), {s['distinct_images']} distinct images, {s['seconds']:.1f} s",
             f"  bad files: {s['bad_files']} ({bad})",
             f"  exact duplicates: {s['exact_duplicate_groups']} groups, {s['exact_duplicate_files']} files",
-            f"  near duplicates (dHash <= {self.near_duplicate_distance} of 256 bits): "
-            f"{s['near_duplicate_groups']} groups, {s['near_duplicate_files']} files",
-            f"  duplicate groups with conflicting labels: {len(self.conflicts)}",
+            f"  near duplicates ({self.near_rule()}): {s['near_duplicate_groups']} groups, "
+            f"{s['near_duplicate_files']} files",
+            f"  copy groups (exact and near merged): {s['copy_groups']}, the largest {s['largest_copy_group']} files; "
+            f"distinct pictures: {s['distinct_pictures']}",
+            f"  duplicate groups with conflicting labels: {len(self.conflicts)}"
+            + (f"; with different measurements: {len(s['conflicting_measure_groups'])}" if self.measures else ""),
         ]
         for scope, index in self.conflicts[:10]:
             named = (f"{Path(self.checks[i].path).name} ({self.labels[i]})" for i in self.group(scope, index))
@@ -317,12 +382,16 @@ def audit_samples(
     near_duplicate_distance: int | None,
     background: Sequence[int],
     decode_side: int,
+    near_copy_threshold: float | None = None,
+    reviewed: Sequence[tuple[str, str]] = (),
 ) -> AuditReport:
-    """Check every sample's file (in threads: decoding releases the GIL) and group the duplicates."""
+    """Check every sample's file (in threads: decoding releases the GIL) and group the duplicates.
+    ``reviewed``: pairs of file names (or stems, or paths) known to be copies."""
     started = time.perf_counter()
     paths = [s.path for s in samples]
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        checks = list(pool.map(lambda p: check_file(p, min_size, background, decode_side), paths))
+        vector = near_copy_threshold is not None
+        checks = list(pool.map(lambda p: check_file(p, min_size, background, decode_side, vector), paths))
     good = [i for i, check in enumerate(checks) if check.problem is None]
 
     by_content: dict[str, list[int]] = defaultdict(list)
@@ -330,17 +399,45 @@ def audit_samples(
         by_content[checks[i].sha256].append(i)
     exact = [members for members in by_content.values() if len(members) > 1]
 
-    near: list[list[int]] = []
-    if near_duplicate_distance is not None:
-        contents = list(by_content.values())
-        pairs = near_pairs([checks[members[0]].dhash for members in contents], near_duplicate_distance)
-        component = connected_groups(len(contents), _pair_keys(len(contents), pairs))
-        merged: dict[int, list[int]] = defaultdict(list)
-        for k in range(len(contents)):
-            merged[int(component[k])].append(k)
-        near = [sorted(i for k in ks for i in contents[k]) for ks in merged.values() if len(ks) > 1]
+    contents = list(by_content.values())
+    firsts = [checks[members[0]] for members in contents]
+    pairs = [] if near_duplicate_distance is None else near_pairs([c.dhash for c in firsts], near_duplicate_distance)
+    if near_copy_threshold is not None and firsts:
+        found = near_copies.near_copy_pairs(np.stack([c.vector for c in firsts]), near_copy_threshold)
+        pairs += [(i, j) for i, j, _ in found]
+    reviewed_pairs = _reviewed_pairs([[checks[i].path for i in members] for members in contents], reviewed)
+    component = connected_groups(len(contents), _pair_keys(len(contents), pairs + reviewed_pairs))
+    merged: dict[int, list[int]] = defaultdict(list)
+    for k in range(len(contents)):
+        merged[int(component[k])].append(k)
+    near = [sorted(i for k in ks for i in contents[k]) for ks in merged.values() if len(ks) > 1]
     labels = [classes[s.label] for s in samples]
-    return AuditReport(checks, labels, exact, near, min_size, near_duplicate_distance, time.perf_counter() - started)
+    measures = [s.measure for s in samples] if any(s.measure for s in samples) else []
+    return AuditReport(
+        checks,
+        labels,
+        exact,
+        near,
+        min_size,
+        near_duplicate_distance,
+        time.perf_counter() - started,
+        near_copy_threshold,
+        len(reviewed_pairs),
+        measures,
+    )
+
+
+def _reviewed_pairs(contents: Sequence[Sequence[str]], reviewed: Sequence[tuple[str, str]]) -> list[tuple[int, int]]:
+    """Content index pairs of the ``reviewed`` name pairs whose files are both present, named by
+    path, file name or stem; a name that several different files share names none of them."""
+    index: dict[str, set[int]] = defaultdict(set)
+    for k, members in enumerate(contents):
+        for path in members:
+            for name in (path, Path(path).name, Path(path).stem):
+                index[name].add(k)
+    unique = {name: next(iter(ks)) for name, ks in index.items() if len(ks) == 1}
+    found = {tuple(sorted((unique[a], unique[b]))) for a, b in reviewed if a in unique and b in unique}
+    return sorted((a, b) for a, b in found if a != b)
 
 
 def _pair_keys(n: int, pairs: Sequence[tuple[int, int]]) -> list[list[object]]:
@@ -354,7 +451,15 @@ def _pair_keys(n: int, pairs: Sequence[tuple[int, int]]) -> list[list[object]]:
 def audit_data(cfg: DataConfig) -> tuple[list[Sample], list[str], AuditReport]:
     """Every sample the config names, and the audit of their files (what ``anemia-dist audit-data`` runs)."""
     samples, classes = load_samples(cfg)
+    reviewed = [] if cfg.copy_review is None else near_copies.read_review(review_path(cfg.copy_review))
     report = audit_samples(
-        samples, classes, cfg.min_size, cfg.near_duplicate_distance, cfg.alpha_background, working_size(cfg.image_size)
+        samples,
+        classes,
+        cfg.min_size,
+        cfg.near_duplicate_distance,
+        cfg.alpha_background,
+        working_size(cfg.image_size),
+        cfg.near_copy_threshold,
+        [(a, b) for a, b, verdict in reviewed if verdict == "copy"],
     )
     return samples, classes, report

@@ -154,7 +154,7 @@ def _coordinates(theta: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Te
 def _jitter_step(images: torch.Tensor, factor: torch.Tensor, is_contrast: torch.Tensor, scale: float = 1.0):
     """Brightness (blend with black) or contrast (blend with the picture's mean grey) per sample,
     as torchvision's ``adjust_brightness``/``adjust_contrast``, of ``images * scale``; in place."""
-    grey = images.mean((2, 3)) @ _constants(images.device)[0] * scale
+    grey = images.mean((2, 3)) @ _grey_weights(images.device) * scale
     offset = ((1.0 - factor) * grey * is_contrast.to(grey)).view(-1, 1, 1, 1)
     return torch.addcmul(offset, images, (factor * scale).view(-1, 1, 1, 1), out=images).clamp_(0.0, 1.0)
 
@@ -175,20 +175,27 @@ def normalize(
     std: Sequence[float] = IMAGENET_STD,
 ) -> torch.Tensor:
     """The backbone's normalisation (ImageNet's by default), written straight into ``memory_format`` (one pass)."""
-    _, inverse_std, shift = _constants(images.device, tuple(mean), tuple(std))
+    inverse_std, shift = _normalisation(images.device, tuple(mean), tuple(std))
     out = torch.empty_like(images, memory_format=memory_format)
     return torch.addcmul(shift, images, inverse_std, out=out)
 
 
 @cache
-def _constants(
-    device: torch.device, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Grey weights, 1/std and -mean/std on ``device``, copied there once: a host-to-device copy
-    of a fresh tensor makes the host wait for the device."""
-    std = torch.tensor(std).view(1, 3, 1, 1)
-    shift = -torch.tensor(mean).view(1, 3, 1, 1) / std
-    return tuple(t.to(device) for t in (torch.tensor(GREY_WEIGHTS), 1.0 / std, shift))
+def _grey_weights(device: torch.device) -> torch.Tensor:
+    """The grey weights on ``device``, copied there once: a host-to-device copy of a fresh tensor
+    makes the host wait for the device."""
+    return torch.tensor(GREY_WEIGHTS).to(device)
+
+
+@cache
+def _normalisation(
+    device: torch.device, mean: tuple[float, ...], std: tuple[float, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """1/std and -mean/std on ``device``, copied there once per backbone normalisation (the cache
+    key is always positional, so every caller shares one entry)."""
+    std_tensor = torch.tensor(std).view(1, 3, 1, 1)
+    shift = -torch.tensor(mean).view(1, 3, 1, 1) / std_tensor
+    return (1.0 / std_tensor).to(device), shift.to(device)
 
 
 def _check_uint8(images: torch.Tensor) -> None:

@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .config import ARCHS, DataConfig, ModelConfig, TrainConfig, load_config
+from .config import ARCHS, Config, DataConfig, ModelConfig, TrainConfig, load_config
 from .console import configure_logging
 from .errors import USER_ERRORS
 from .run_dir import AUDIT_JSON, BEST, CONFIG, CURVES, METRICS, REPORT, REPORT_PAGE, SUMMARY
@@ -131,7 +131,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .inference import evaluate
 
-    record = evaluate(args.checkpoint, args.data, args.overrides, args.batch_size, args.out, args.report, args.split)
+    record = evaluate(
+        args.checkpoint,
+        args.data,
+        args.overrides,
+        args.batch_size,
+        args.out,
+        args.report,
+        args.split,
+        quality_gate=args.quality_gate,
+    )
     if record is not None:
         print(json.dumps(record, indent=2))
     return 0
@@ -140,14 +149,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from .inference import predict, write_predictions
 
-    rows = predict(args.checkpoint, args.inputs, args.batch_size, args.num_workers)
+    rows = predict(args.checkpoint, args.inputs, args.batch_size, args.num_workers, args.quality_gate, args.explain)
     if args.out:
         with open(args.out, "w", newline="") as handle:
             write_predictions(rows, handle)
     else:
         write_predictions(rows, sys.stdout)
     unreadable = [row for row in rows if row["error"]]
-    print(f"{len(rows) - len(unreadable)} image(s) scored, {len(unreadable)} unreadable", file=sys.stderr)
+    rejected = [row for row in rows if row["reason"]]
+    scored = len(rows) - len(unreadable) - len(rejected)
+    print(
+        f"{scored} image(s) scored, {len(rejected)} rejected by the quality gate, {len(unreadable)} unreadable",
+        file=sys.stderr,
+    )
+    for row in rejected:
+        print(f"  rejected: {row['path']} ({row['reason']})", file=sys.stderr)
     for row in unreadable:
         print(f"  unreadable: {row['path']} ({row['error']})", file=sys.stderr)
     return 0
@@ -169,6 +185,8 @@ def cmd_audit_data(args: argparse.Namespace) -> int:
     from .audit import audit_data
 
     cfg = load_config(args.config, args.overrides)
+    if args.compare:
+        return _compare_sets(args.compare, cfg, args.out)
     _, _, report = audit_data(cfg.data)
     out = Path(args.out or Path(cfg.run.output_dir) / "audit")
     path = report.write(out)
@@ -178,6 +196,17 @@ def cmd_audit_data(args: argparse.Namespace) -> int:
         print(f"anemia-dist audit-data: {report.bad_files_message()}", file=sys.stderr)
         return 1
     return 0
+
+
+def _compare_sets(specs: list[str], cfg: Config, out: str | None) -> int:
+    """``audit-data --compare TRAIN TEST``: exit 1 when any test file has a copy in training."""
+    from . import leakage
+
+    rows, counts = leakage.compare(specs[0], specs[1], cfg.data)
+    path = leakage.write(out or Path(cfg.run.output_dir) / "compare", rows, counts)
+    print(leakage.text(rows, counts))
+    print(f"report: {path} (every pair, with paths, labels and distances)")
+    return 1 if rows else 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -226,7 +255,14 @@ def _add_audit_parser(sub: argparse._SubParsersAction) -> None:
         help="check every image (bad files, duplicates, label conflicts) as training would; exit 1 if it would stop",
     )
     audit.add_argument("--config", help="YAML file, or a packaged config name (default, demo, cp_anemic)")
-    audit.add_argument("--out", help="report folder (default: RUN.OUTPUT_DIR/audit)")
+    audit.add_argument("--out", help="report folder (default: RUN.OUTPUT_DIR/audit, or RUN.OUTPUT_DIR/compare)")
+    audit.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("TRAIN", "TEST"),
+        help="report every exact and near copy of a TEST image in TRAIN (folders, manifests, or a run's "
+        "splits.csv twice: its train rows against its val rows); exit 1 when any is found",
+    )
     audit.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.manifest=/data/sheet.csv")
     audit.set_defaults(func=cmd_audit_data)
 
@@ -275,6 +311,15 @@ def _add_sweep_parser(sub: argparse._SubParsersAction) -> None:
     sweep.set_defaults(func=cmd_sweep)
 
 
+def add_quality_gate_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-quality-gate",
+        dest="quality_gate",
+        action="store_false",
+        help="score every readable file, even ones the quality gate would reject (too small, blank, ...)",
+    )
+
+
 def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
     evaluate = sub.add_parser(
         "evaluate",
@@ -292,6 +337,7 @@ def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
         help="only these rows of a manifest with a split column (a run's splits.csv)",
     )
     evaluate.add_argument("--batch-size", type=int, default=64, help="per process")
+    add_quality_gate_flag(evaluate)
     evaluate.add_argument(
         "overrides",
         nargs="*",
@@ -309,6 +355,12 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
     predict.add_argument("--out", help="CSV file (default: standard output)")
     predict.add_argument("--batch-size", type=int, default=64)
     predict.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1))
+    add_quality_gate_flag(predict)
+    predict.add_argument(
+        "--explain",
+        metavar="DIR",
+        help="also write a Grad-CAM overlay (PNG, the photo's own size) per scored photo into DIR",
+    )
     predict.set_defaults(func=cmd_predict)
 
 

@@ -123,6 +123,15 @@ class DataConfig:
     duplicates and share a split; null turns the check off. On CP-AnemiC, copies re-encoded or
     re-cut from one photo differ by 0-15 bits and no pair lies at 16-21; from 22 bits on, other
     photos of what may be the same eye mix with look-alike eyes, which only patient IDs separate."""
+    near_copy_threshold: float | None = 0.10
+    """Images whose ``near-copies-1`` vectors (anemia_dist/near_copies.py: mirror/turn invariant,
+    taken in the frame of each crop's mask) lie within this distance are near copies and share a
+    split, beside the dHash pairs; null turns it off. 0.10 is set on a benchmark (docs/near-copies.md):
+    recall 0.97 on made copies, 6e-5 of CP-AnemiC's distinct pairs merged."""
+    copy_review: str | None = None
+    """CSV of pairs reviewed by eye (columns a, b, verdict; a/b a file name, stem or path), or the name
+    of a packaged one (``cp_anemic_review.csv``, which ``--config cp_anemic`` uses): rows whose verdict
+    is ``copy`` join one copy group, for re-cuts no finder sees (docs/near-copies.md)."""
     duplicates: Literal["keep", "first"] = "keep"
     """``keep``: every copy trains, all copies in one split. ``first``: only the first file (by
     path) of each duplicate group is used, and groups with conflicting labels are left out."""
@@ -160,6 +169,18 @@ class DataConfig:
                 0 <= self.near_duplicate_distance <= 256,
                 "data.near_duplicate_distance",
                 f"must be in 0..256 bits or null, got {self.near_duplicate_distance}",
+            )
+        if self.near_copy_threshold is not None:
+            _check(
+                0 <= self.near_copy_threshold <= 1,
+                "data.near_copy_threshold",
+                f"must be in 0..1 or null, got {self.near_copy_threshold}",
+            )
+        if self.copy_review is not None:
+            _check(
+                review_path(self.copy_review).is_file(),
+                "data.copy_review",
+                f"{self.copy_review!r} is neither a file nor a packaged review ({PACKAGED_REVIEWS})",
             )
         manifest_only = ["measure_column", "site_column", "group_column"]
         for name in manifest_only:
@@ -597,6 +618,17 @@ def _rename_old_keys(tree: dict[str, Any]) -> None:
             stacklevel=3,
         )
         values[new_name] = values.pop(old_name)
+
+
+PACKAGED_REVIEWS = "cp_anemic_review.csv"
+"""Review CSVs shipped beside the packaged configs (``data.copy_review`` may name them)."""
+
+
+def review_path(value: str) -> Path:
+    """``data.copy_review``: a file path, or the name of a review CSV shipped with the configs."""
+    path = Path(value)
+    packaged = Path(str(resources.files("anemia_dist") / "configs" / path.name))
+    return path if path.is_file() or not packaged.is_file() else packaged
 
 
 def packaged_config(name: str) -> Path:

@@ -53,12 +53,13 @@ def configure_logging(level: int = logging.INFO) -> None:
 
 
 def progress_bar(accelerator: Accelerator, iterable: Iterable, desc: str, **kwargs) -> tqdm:
-    """tqdm on the main process; in a log file (SLURM, CI) a line every 30 s, not every batch."""
+    """tqdm on the global main process only (N nodes share one SLURM log: one bar, not N); in a
+    log file (SLURM, CI) a line every 30 s, not every batch."""
     interactive = sys.stderr.isatty()
     return tqdm(
         iterable,
         desc=desc,
-        disable=not accelerator.is_local_main_process,
+        disable=not accelerator.is_main_process,
         leave=False,
         mininterval=0.1 if interactive else 30.0,
         **kwargs,

@@ -19,8 +19,10 @@ with PIL transforms (:mod:`anemia_dist.transforms`) in the loader workers, every
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -241,14 +243,33 @@ class ImageDataset(Dataset):
         return self.transform(load_rgb(sample.path, self.background)), sample.label
 
 
-def make_loaders(cfg: Config, split: SplitData, pin_memory: bool) -> tuple[DataLoader, DataLoader]:
-    """The training and validation loaders of ``data.pipeline``, before Accelerate shards them."""
+def seed_worker(rank: int, worker_id: int) -> None:
+    """A loader worker's random streams, its rank's own (``worker_init_fn``).
+
+    torch seeds worker ``w`` with ``base + w``, ``base`` drawn from the loader's generator, which is
+    seeded alike on every rank (it must be: it fixes the shuffle all ranks shard). Without the rank
+    mixed in, every rank's PIL augmentation would draw the same flips and crops.
+    """
+    entropy = [torch.initial_seed() % 2**63, rank, worker_id]
+    seed = int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0])
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def make_loaders(
+    cfg: Config, split: SplitData, pin_memory: bool, rank: int | None = None
+) -> tuple[DataLoader, DataLoader]:
+    """The training and validation loaders of ``data.pipeline``, before Accelerate shards them;
+    ``rank`` (default: this process's) seeds the loader workers."""
     workers = cfg.data.num_workers
+    rank = PartialState().process_index if rank is None else rank
     common = dict(
         batch_size=cfg.train.batch_size,
         num_workers=workers,
         pin_memory=pin_memory,
         persistent_workers=workers > 0,
+        worker_init_fn=functools.partial(seed_worker, rank),
     )
     backbone = preprocessing(cfg.model.arch)
     normalization = (backbone["mean"], backbone["std"])

@@ -17,6 +17,12 @@ def broadcast_from_main(value: Any) -> Any:
     return holder[0]
 
 
+def any_rank(accelerator: Accelerator, flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any (one all-reduce; also a barrier)."""
+    value = torch.tensor([float(flag)], device=accelerator.device)
+    return bool(accelerator.reduce(value, reduction="sum").item() > 0)
+
+
 def rewrap_after_unfreeze(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
     """Rebuild the DDP wrapper so newly trainable parameters are all-reduced.
 

@@ -23,6 +23,11 @@ class WeightsError(UserError, RuntimeError):
     """Pretrained weights that cannot be found or do not fit; the message says what to do."""
 
 
+class DiskSpaceError(UserError, OSError):
+    """The run directory's file system cannot hold the checkpoints; the message names the folder,
+    the bytes needed and the last complete checkpoint."""
+
+
 class CheckpointMismatch(ConfigError):
     """The checkpoint was written for a different model or class list."""
 

@@ -11,6 +11,7 @@ import csv
 import dataclasses
 import json
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,20 +21,22 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
+from accelerate.utils import broadcast_object_list
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .batch_augment import EvalResize
-from .config import Config, ModelConfig, load_config, parse_override
+from .config import Config, DataConfig, ModelConfig, load_config, parse_override
 from .datasets import CachedImages, DecodedOnAccess
 from .errors import ConfigError, DataError
-from .images import IMAGE_EXTENSIONS
-from .metrics import OperatingPoint, apply_temperature, negative_name, summarize
+from .explain import confident_errors, explain_files, overlay_names
+from .metrics import OperatingPoint, Predictions, apply_temperature, negative_name, summarize
 from .model import build_model
-from .report import write_report
+from .quality import REJECTED, list_inputs, screen
+from .report import Explainer, Gallery, write_report
 from .run_dir import META, PREDICTIONS, WEIGHTS, read_metrics
-from .sources import Sample, find_image_files, load_source
+from .sources import Sample, load_source
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 from .validation import validate
 
@@ -114,12 +117,14 @@ def evaluate(
     out: str | Path | None = None,
     report_dir: str | Path | None = None,
     split: str | None = None,
+    quality_gate: bool = True,
 ) -> dict[str, Any] | None:
     """Metrics with intervals at the saved operating point; the record on the main process, else None.
 
     Runs on 1..N processes: :func:`~anemia_dist.validation.validate` gathers every image's probabilities exactly once,
     so the numbers do not depend on the number of processes. ``split`` keeps the manifest rows
-    whose split column holds it (e.g. ``val`` of a run's splits.csv).
+    whose split column holds it (e.g. ``val`` of a run's splits.csv). Files the quality gate
+    rejects (:mod:`anemia_dist.quality`) are listed in predictions.csv and the record, not scored.
     """
     cfg = evaluation_config(data, overrides)
     accelerator = Accelerator()
@@ -135,6 +140,9 @@ def evaluate(
         raise DataError(
             f"{data}: {len(missing)} listed image(s) do not exist:\n  {listed}\nFix the paths or remove the rows."
         )
+    rejected: list[tuple[Sample, str]] = []
+    if quality_gate:
+        samples, rejected = gate_samples(samples, meta, cfg, accelerator)
     loader = DataLoader(
         model_inputs(samples, meta, cfg.data.cache_dir),
         batch_size=batch_size,
@@ -156,14 +164,18 @@ def evaluate(
         record = {"checkpoint": str(checkpoint_dir), "data": str(data), **evaluation.result}
         report = Path(report_dir) if report_dir else default_report_dir(out)
         report.mkdir(parents=True, exist_ok=True)
-        write_sample_predictions(report / PREDICTIONS, samples, classes, evaluation.pred.score, point)
+        write_sample_predictions(report / PREDICTIONS, samples, classes, evaluation.pred.score, point, rejected)
+        record["rejected"] = [{"path": s.path, "reason": reason} for s, reason in rejected]
         notes = [
+            *rejection_notes(rejected),
             f"Data: {data}. Model: {checkpoint_dir} (epoch {meta.get('epoch')}).",
             f"The threshold {point.threshold:.4f} ({point.threshold_rule}) and the temperature {point.temperature:.3f} "
             f"were fixed on the validation split during training, not tuned on this data.",
         ]
         rows = read_metrics(Path(checkpoint_dir).resolve().parent)
-        page = write_report(report, f"Evaluation on {Path(data).name}", evaluation, notes, rows)
+        paths = [s.path for s in samples]
+        explain = error_explainer(checkpoint_dir, paths, report, accelerator.device, cfg.data.cache_dir)
+        page = write_report(report, f"Evaluation on {Path(data).name}", evaluation, notes, rows, explain)
         record["report"] = str(page)
         if out is not None:
             Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -172,41 +184,61 @@ def evaluate(
     return record
 
 
+def gate_samples(
+    samples: Sequence[Sample], meta: dict[str, Any], cfg: Config, accelerator: Accelerator
+) -> tuple[list[Sample], list[tuple[Sample, str]]]:
+    """The samples the quality gate accepts, and the rejected ones with the reason (an unreadable
+    file's error included). Measured on the main process; every rank gets its decision."""
+    verdicts: list[Any] = [None]
+    if accelerator.is_main_process:
+        verdicts = [screen([s.path for s in samples], meta, cfg.data.min_size, cfg.data.num_workers)]
+    verdicts = broadcast_object_list(verdicts)[0]
+    accepted = [s for s, v in zip(samples, verdicts, strict=True) if v.accepted]
+    rejected = [
+        (s, v.reason or f"cannot be read: {v.error}") for s, v in zip(samples, verdicts, strict=True) if not v.accepted
+    ]
+    if not accepted:
+        raise DataError(
+            f"every one of the {len(samples)} images was rejected by the quality gate, e.g. "
+            f"{rejected[0][0].path}: {rejected[0][1]}; see --no-quality-gate"
+        )
+    return accepted, rejected
+
+
+def rejection_notes(rejected: Sequence[tuple[Sample, str]]) -> list[str]:
+    if not rejected:
+        return []
+    return [
+        f"{len(rejected)} file(s) rejected by the quality gate and not scored (listed in {PREDICTIONS} and the "
+        f"record's 'rejected'); the metrics cover the remaining images."
+    ]
+
+
 def default_report_dir(out: str | Path | None) -> Path:
     """``FILE_report/`` next to ``--out FILE``, else ``evaluation_report/`` here."""
     return Path(out).with_name(Path(out).stem + "_report") if out else Path("evaluation_report")
 
 
 def write_sample_predictions(
-    path: Path, samples: Sequence[Sample], classes: Sequence[str], scores: np.ndarray, point: OperatingPoint
+    path: Path,
+    samples: Sequence[Sample],
+    classes: Sequence[str],
+    scores: np.ndarray,
+    point: OperatingPoint,
+    rejected: Sequence[tuple[Sample, str]] = (),
 ) -> None:
     negative = negative_name(classes, point.positive_class)
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["path", "label", "group", "probability", "prediction"])
+        writer.writerow(["path", "label", "group", "probability", "prediction", "reason"])
         for sample, score in zip(samples, scores, strict=True):
             decision = point.positive_class if score >= point.threshold else negative
-            writer.writerow([sample.path, classes[sample.label], sample.group, f"{score:.6f}", decision])
+            writer.writerow([sample.path, classes[sample.label], sample.group, f"{score:.6f}", decision, ""])
+        for sample, reason in rejected:
+            writer.writerow([sample.path, classes[sample.label], sample.group, "", REJECTED, reason])
 
 
 # --------------------------------------------------------------------------- predict
-
-
-def find_images(inputs: Sequence[str | Path]) -> list[Path]:
-    """Files as given, and every image file under each folder (recursively, sorted)."""
-    found, absent = [], []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            found += find_image_files(item)
-        elif item.is_file():
-            found.append(item)
-        else:
-            absent.append(str(item))
-    if absent:
-        raise DataError(f"no such file or folder: {', '.join(absent)}")
-    if not found:
-        raise DataError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {', '.join(map(str, inputs))}")
-    return found
 
 
 class ReadOrReport(Dataset):
@@ -228,15 +260,159 @@ class ReadOrReport(Dataset):
 
 @torch.no_grad()
 def predict(
-    checkpoint_dir: str | Path, inputs: Sequence[str | Path], batch_size: int = 64, num_workers: int = 4
+    checkpoint_dir: str | Path,
+    inputs: Sequence[str | Path],
+    batch_size: int = 64,
+    num_workers: int = 4,
+    quality_gate: bool = True,
+    explain_dir: str | Path | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per file: P(positive class) and the decision at the saved threshold, or the read error."""
+    """One row per file given or found: P(positive class) and the decision at the saved threshold;
+    or ``rejected`` with the quality gate's reason (:mod:`anemia_dist.quality`); or the read error.
+    ``explain_dir``: a Grad-CAM overlay per scored photo (:mod:`anemia_dist.explain`), named in the
+    row's ``heatmap``."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError(
             "predict runs in one process (on the GPU when there is one); start it without accelerate launch"
         )
     model, meta, point = load_model(checkpoint_dir)
-    paths = find_images(inputs)
+    listed = list_inputs(inputs)
+    if not listed:
+        raise DataError(f"no files in {', '.join(map(str, inputs))}")
+    rows = [{"path": str(p), "probability": "", "prediction": "", "reason": "", "error": e} for p, e in listed]
+    todo = [i for i, (_, error) in enumerate(listed) if not error]
+    if quality_gate:
+        verdicts = screen([listed[i][0] for i in todo], meta, DataConfig().min_size, num_workers)
+        for index, verdict in zip(todo, verdicts, strict=True):
+            rows[index].update(error=verdict.error, reason=verdict.reason)
+            if verdict.reason:
+                rows[index]["prediction"] = REJECTED
+        todo = [i for i, verdict in zip(todo, verdicts, strict=True) if verdict.accepted]
+    scores = score_files(model, meta, point, [listed[i][0] for i in todo], batch_size, num_workers)
+    negative = negative_name(meta["classes"], point.positive_class)
+    for index, (score, error) in zip(todo, scores, strict=True):
+        if error:
+            rows[index]["error"] = error
+        else:
+            decision = point.positive_class if score >= point.threshold else negative
+            rows[index].update(probability=f"{score:.6f}", prediction=decision)
+    if explain_dir is not None:
+        scored = [rows[i] for i in todo if rows[i]["probability"]]
+        names = overlay_names([row["path"] for row in scored])
+        targets = [Path(explain_dir) / name for name in names]
+        write_overlays(
+            model, meta, point, [(row["path"], float(row["probability"])) for row in scored], targets, batch_size
+        )
+        for row, target in zip(scored, targets, strict=True):
+            row["heatmap"] = str(target)
+    return rows
+
+
+# --------------------------------------------------------------------------- heat-maps
+
+
+MOST_CONFIDENT = 8
+"""How many false negatives and false positives a report shows."""
+ERRORS_FOLDER = "errors"
+REPORT_SIDE = 384
+"""Longest side of a report's overlays (the page embeds them)."""
+
+
+def error_explainer(
+    checkpoint_dir: str | Path,
+    paths: Sequence[str],
+    directory: Path,
+    device: torch.device | None = None,
+    cache_dir: str | None = None,
+) -> Explainer:
+    """A report's galleries: the most confident false negatives and false positives among ``paths``
+    (in the order of the report's predictions), each with its Grad-CAM overlay in ``directory/errors``.
+    The model's inputs are read from ``cache_dir`` where it holds them."""
+
+    def explain(pred: Predictions) -> list[Gallery]:
+        try:
+            return draw(pred)
+        except ConfigError as error:  # a backbone without a spatial map (a transformer): the report goes on
+            return [Gallery("Most confident errors", f"No heat-maps: {error}.")]
+
+    def draw(pred: Predictions) -> list[Gallery]:
+        model, meta, point = load_model(checkpoint_dir)
+        model.to(device or "cpu")
+        shutil.rmtree(directory / ERRORS_FOLDER, ignore_errors=True)  # no overlays of an earlier report
+        classes, positive = meta["classes"], point.positive_class
+        misses, alarms = confident_errors(pred.truth, pred.score, point.threshold, MOST_CONFIDENT)
+        kinds = [
+            (
+                "fn",
+                misses,
+                f"Most confident false negatives: {positive} images the model called "
+                f"{negative_name(classes, positive)}, lowest P({positive}) first",
+            ),
+            (
+                "fp",
+                alarms,
+                f"Most confident false positives: images called {positive} that are not, highest P({positive}) first",
+            ),
+        ]
+        galleries = []
+        for prefix, indices, title in kinds:
+            names = [f"{ERRORS_FOLDER}/{prefix}-{rank + 1:02d}.png" for rank in range(len(indices))]
+            scored = [(paths[i], float(pred.score[i])) for i in indices]
+            targets = [directory / name for name in names]
+            write_overlays(model, meta, point, scored, targets, MOST_CONFIDENT, REPORT_SIDE, cache_dir)
+            captions = [f"{Path(path).name}: P({positive}) = {score:.3f}" for path, score in scored]
+            note = (
+                f"Up to {MOST_CONFIDENT}, with Grad-CAM heat-maps (red: where the evidence for the model's "
+                f"decision lay); no EXIF is copied from the photos."
+            )
+            galleries.append(Gallery(title, note, list(zip(names, captions, strict=True))))
+        return galleries
+
+    return explain
+
+
+def write_overlays(
+    model: torch.nn.Module,
+    meta: dict[str, Any],
+    point: OperatingPoint,
+    scored: Sequence[tuple[str, float]],
+    targets: Sequence[Path],
+    batch_size: int,
+    max_side: int | None = None,
+    cache_dir: str | None = None,
+) -> None:
+    """The Grad-CAM overlay of each (path, P(positive)) to its target, ``batch_size`` photos at a time."""
+    if not scored:
+        return
+    model.eval()
+    images = model_inputs([Sample(path, 0, path) for path, _ in scored], meta, cache_dir)
+    device = next(model.parameters()).device
+    for start in range(0, len(scored), batch_size):
+        part = range(start, min(start + batch_size, len(scored)))
+        batch = torch.stack([images[i][0] for i in part]).to(device)
+        explain_files(
+            model,
+            meta,
+            point,
+            images.batch_transform(batch),
+            [scored[i][1] for i in part],
+            [scored[i][0] for i in part],
+            [targets[i] for i in part],
+            max_side,
+        )
+
+
+def score_files(
+    model: torch.nn.Module,
+    meta: dict[str, Any],
+    point: OperatingPoint,
+    paths: Sequence[Path],
+    batch_size: int,
+    num_workers: int,
+) -> list[tuple[float, str]]:
+    """(P(positive class), read error) per file, on the GPU when there is one."""
+    if not paths:
+        return []
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     images = model_inputs([Sample(str(p), 0, str(p)) for p in paths], meta)
@@ -247,24 +423,19 @@ def predict(
         pin_memory=device.type == "cuda",
     )
     positive = meta["classes"].index(point.positive_class)
-    negative = negative_name(meta["classes"], point.positive_class)
     scores, errors = [], []
     for batch, batch_errors in tqdm(loader, desc="predict", file=sys.stderr):
         inputs = images.batch_transform(batch.to(device, non_blocking=True))
         probs = model(inputs).float().softmax(dim=1).double().cpu().numpy()
         scores.append(apply_temperature(probs, point.temperature)[:, positive])
         errors += batch_errors
-    rows = []
-    for path, score, error in zip(paths, np.concatenate(scores), errors, strict=True):
-        if error:
-            rows.append({"path": str(path), "probability": "", "prediction": "", "error": error})
-        else:
-            decision = point.positive_class if score >= point.threshold else negative
-            rows.append({"path": str(path), "probability": f"{score:.6f}", "prediction": decision, "error": ""})
-    return rows
+    return list(zip(np.concatenate(scores).tolist(), errors, strict=True))
 
 
 def write_predictions(rows: Sequence[dict[str, Any]], handle: TextIO) -> None:
-    writer = csv.DictWriter(handle, fieldnames=["path", "probability", "prediction", "error"])
+    fields = ["path", "probability", "prediction", "reason", "error"]
+    if any("heatmap" in row for row in rows):
+        fields.append("heatmap")
+    writer = csv.DictWriter(handle, fieldnames=fields, restval="")
     writer.writeheader()
     writer.writerows(rows)

@@ -22,14 +22,17 @@ The cut-off and the measurements behind it: docs/near-copies.md.
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from scipy import fft
 from scipy.spatial import cKDTree
 
+from .errors import DataError
 from .images import has_alpha, to_rgb
 
 VERSION = "near-copies-1"
@@ -60,6 +63,20 @@ pairs pass for checking; mirroring only flips their signs and a turn swaps u and
 orientation's key is the same columns."""
 _CHUNK = 1 << 16
 """Candidate pairs checked on the whole vector at a time (bounded memory)."""
+
+
+VERDICTS = ("copy", "distinct", "unsure")
+"""What a review CSV's verdict column may say about a pair."""
+
+
+def read_review(path: str | Path) -> list[tuple[str, str, str]]:
+    """(name, name, verdict) rows of a review CSV with columns a, b, verdict (copy/distinct/unsure), note."""
+    with Path(path).open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    bad = [row for row in rows if row.get("verdict") not in VERDICTS or not row.get("a") or not row.get("b")]
+    if bad:
+        raise DataError(f"{path}: every row needs columns a, b and a verdict in {', '.join(VERDICTS)}; found {bad[0]}")
+    return [(row["a"], row["b"], row["verdict"]) for row in rows]
 
 
 def _with_mask(image: Image.Image) -> tuple[Image.Image, np.ndarray]:

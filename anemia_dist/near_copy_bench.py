@@ -8,13 +8,12 @@ within the cut-off of a different picture). Everything is seeded; docs/near-copi
 table this writes and the command that reproduces it::
 
     python -m anemia_dist.near_copy_bench --data ../shared/data/cp-anemic \
-        --review docs/near-copies-review.csv --out docs/near-copies.json
+        --review anemia_dist/configs/cp_anemic_review.csv --out docs/near-copies.json
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import io
 import json
@@ -293,18 +292,6 @@ def _identical_up_to_turns(images: Sequence[Image.Image]) -> list[tuple[int, int
                         found.append((a, b, "" if turn is None else turn.name))
                         break
     return found
-
-
-def read_review(path: Path | None) -> list[tuple[str, str, str]]:
-    """(name, name, verdict) rows of a review CSV with columns a, b, verdict (copy/distinct/unsure), note."""
-    if path is None:
-        return []
-    with Path(path).open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    bad = [row for row in rows if row.get("verdict") not in ("copy", "distinct", "unsure")]
-    if bad:
-        raise ValueError(f"{path}: verdict must be copy, distinct or unsure; found {bad[0]}")
-    return [(row["a"], row["b"], row["verdict"]) for row in rows]
 
 
 def _components(n: int, pairs: Sequence[tuple[int, int]], groups: Sequence[int] | None = None) -> np.ndarray:
@@ -790,7 +777,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
-    review = read_review(args.review)
+    review = near_copies.read_review(args.review) if args.review else []
     sources = [generated_source(args.generated, args.seed)]
     if args.data is not None:
         sources.insert(0, cp_anemic_source(args.data, review))

@@ -21,7 +21,7 @@ class Totals:
     """Σ w_y."""
     correct: float = 0.0
     seen: float = 0.0
-    """n: samples counted (padded duplicates of the last batch included, as the loss is)."""
+    """n: images counted, each once per epoch (the padding of the last round is not counted)."""
 
     @property
     def loss(self) -> float:

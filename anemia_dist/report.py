@@ -10,12 +10,13 @@ from __future__ import annotations
 import base64
 import html
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .figures import plot_confusion, plot_curves, plot_precision_recall, plot_reliability, plot_roc
-from .metrics import ECE_BINS, Evaluation, OperatingPoint, summarize
+from .metrics import ECE_BINS, Evaluation, OperatingPoint, Predictions, summarize
 from .run_dir import CONFUSION, CURVES, PRECISION_RECALL, RELIABILITY, REPORT_PAGE, ROC, VALIDATION
 
 FIGURES = {
@@ -63,6 +64,33 @@ def _figure_html(directory: Path, name: str) -> str:
     )
 
 
+@dataclass
+class Gallery:
+    """A report section of pictures (e.g. the most confident false negatives with their heat-maps)."""
+
+    title: str
+    note: str
+    pictures: list[tuple[str, str]] = field(default_factory=list)
+    """(PNG path relative to the report folder, caption)."""
+
+
+Explainer = Callable[[Predictions], Sequence[Gallery]]
+"""Draws the galleries of a report from its per-image predictions (:func:`anemia_dist.inference.error_explainer`)."""
+
+
+def _gallery_html(directory: Path, gallery: Gallery) -> str:
+    items = []
+    for name, caption in gallery.pictures:
+        encoded = base64.b64encode((directory / name).read_bytes()).decode("ascii")
+        text = html.escape(caption)
+        items.append(
+            f'<figure class="case"><a href="{html.escape(name)}"><img src="data:image/png;base64,{encoded}" '
+            f'alt="{text}"></a><figcaption>{text}</figcaption></figure>'
+        )
+    shown = '<div class="figures">' + "".join(items) + "</div>" if items else "<p>None.</p>"
+    return f"<h2>{html.escape(gallery.title)}</h2><p>{html.escape(gallery.note)}</p>{shown}"
+
+
 STYLE = """
 body { font-family: sans-serif; max-width: 1200px; margin: 2em auto; color: #222; }
 table { border-collapse: collapse; margin: 1em 0; }
@@ -73,11 +101,18 @@ figure { margin: 0; }
 figure img { max-width: 100%; border: 1px solid #eee; }
 .wide img { max-width: 1180px; }
 figcaption { font-size: 0.9em; color: #555; }
+.case img { width: 256px; height: auto; max-height: 384px; object-fit: contain; }
+.case figcaption { max-width: 256px; word-break: break-all; }
 """
 
 
 def write_html(
-    directory: Path, title: str, result: dict[str, Any], notes: Sequence[str], figures: Sequence[str]
+    directory: Path,
+    title: str,
+    result: dict[str, Any],
+    notes: Sequence[str],
+    figures: Sequence[str],
+    galleries: Sequence[Gallery] = (),
 ) -> Path:
     facts = [
         f"{result['n']} images, {result['n_positive']} {html.escape(result['positive_class'])}",
@@ -98,6 +133,7 @@ def write_html(
         "<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(note)}</li>" for note in notes) + "</ul>",
         '<h2>Figures</h2><div class="figures">' + "".join(_figure_html(directory, n) for n in small) + "</div>",
         *(f'<div class="wide">{_figure_html(directory, n)}</div>' for n in wide),
+        *(_gallery_html(directory, gallery) for gallery in galleries),
     ]
     page = (
         f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
@@ -131,8 +167,10 @@ def write_report(
     evaluation: Evaluation,
     notes: Sequence[str] = (),
     rows: Sequence[dict[str, Any]] | None = None,
+    explain: Explainer | None = None,
 ) -> Path:
-    """All figures plus ``report.html`` in ``directory``; ``rows`` (metrics.jsonl) adds the training curves."""
+    """All figures plus ``report.html`` in ``directory``; ``rows`` (metrics.jsonl) adds the training
+    curves, ``explain`` the galleries it draws (the most confident errors with their heat-maps)."""
     result, pred = evaluation.result, evaluation.pred
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -145,7 +183,8 @@ def write_report(
     plot_confusion(result, directory / CONFUSION)
     plot_reliability(pred, result, directory / RELIABILITY, evaluation.uncalibrated)
     figures += [ROC, PRECISION_RECALL, CONFUSION, RELIABILITY]
-    return write_html(directory, title, result, [*notes, *standard_notes(result)], figures)
+    galleries = explain(pred) if explain is not None else ()
+    return write_html(directory, title, result, [*notes, *standard_notes(result)], figures, galleries)
 
 
 def write_validation_report(
@@ -158,6 +197,7 @@ def write_validation_report(
     resamples: int,
     epoch: int,
     rows: Sequence[dict[str, Any]],
+    explain: Explainer | None = None,
 ) -> Path:
     """The end-of-training report: the best epoch's validation predictions at the saved operating point."""
     evaluation = summarize(labels, probs, classes, point, resamples, groups)
@@ -170,4 +210,4 @@ def write_validation_report(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / VALIDATION).write_text(json.dumps(evaluation.result, indent=2) + "\n")
-    return write_report(directory, f"Validation report, best epoch {epoch}", evaluation, notes, rows)
+    return write_report(directory, f"Validation report, best epoch {epoch}", evaluation, notes, rows, explain)

@@ -32,6 +32,8 @@ class Sample:
     """``train``/``val`` when fixed by the manifest's split column or a separate validation source."""
     unit: str = ""
     """Split unit: the patient group merged with every duplicate and site it is linked to."""
+    measure: str = ""
+    """The manifest's measurement (data.measure_column, e.g. Hb in g/dL) as written; empty without one."""
 
 
 def find_image_files(folder: str | Path) -> list[Path]:
@@ -196,7 +198,8 @@ def read_manifest(
         group = (row.get(group_key) or "").strip() if group_key else ""
         site = (row.get(cfg.site_column) or "").strip() if cfg.site_column else ""
         labels.append(label)
-        samples.append(Sample(str(path), -1, group or str(path), site, split))
+        measure = (row.get(cfg.measure_column) or "").strip() if cfg.measure_column else ""
+        samples.append(Sample(str(path), -1, group or str(path), site, split, measure=measure))
     found = {cfg.below_label, cfg.above_label} if cfg.measure_column else set(labels)
     names = _class_index(classes, sorted(found), str(manifest))
     return [replace(s, label=names.index(label)) for s, label in zip(samples, labels, strict=True)], names

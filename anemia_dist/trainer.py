@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, DynamoBackend, set_seed
 from torch.utils.data import DataLoader
 
 from . import tracking
@@ -34,6 +34,7 @@ from .distributed import broadcast_from_main, rewrap_after_unfreeze
 from .early_stopping import EarlyStopping
 from .errors import ConfigError
 from .figures import plot_curves
+from .inference import error_explainer
 from .metrics import OperatingPoint, positive_index, require_both_classes, screening_metrics
 from .model import (
     build_model,
@@ -46,6 +47,7 @@ from .model import (
 )
 from .preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionWatcher
 from .progress import Totals, TrainingProgress, batch_totals
+from .quality import QUALITY, training_ranges
 from .report import write_validation_report
 from .run_dir import (
     AUDIT_CSV,
@@ -107,6 +109,12 @@ def train(cfg: Config) -> dict[str, Any]:
     split = audited_split(cfg, accelerator)
     run = RunDirectory(resolve_run_dir(cfg), writes=accelerator.is_main_process)
     checkpointer = Checkpointer(accelerator, run.path, cfg, split.classes)
+    if accelerator.is_main_process:  # the quality gate's ranges, saved in best/meta.json
+        data = cfg.data
+        train_paths = [s.path for s in split.train]
+        checkpointer.model_meta[QUALITY] = training_ranges(
+            train_paths, data.alpha_background, data.min_size, data.num_workers
+        )
     resume_from = checkpointer.resume_point()  # a bad run.resume stops before any file is written
     model = build_model(cfg.model, len(split.classes), cfg.data.image_size)  # so do missing weights
     resolve_stages(model, cfg.unfreeze.layers)  # and a timm backbone's misspelt stage
@@ -114,6 +122,7 @@ def train(cfg: Config) -> dict[str, Any]:
     loaders = make_loaders(cfg, split, pin_memory=accelerator.device.type == "cuda")
     freeze_backbone(model)  # phase 1, the head alone: before DDP wraps the model, as DDP syncs what trains now
     training = prepare_training(cfg, accelerator, model, loaders, split)
+    checkpointer.require_space(training.model, training.optimizer)
     set_seed(cfg.train.seed, device_specific=True)  # own augmentation and dropout streams per rank
     stopper = EarlyStopping(cfg.early_stopping.patience, cfg.early_stopping.min_delta)
     progress = TrainingProgress()
@@ -167,7 +176,8 @@ def train(cfg: Config) -> dict[str, Any]:
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
-    return Accelerator(
+    """Accelerate as the loop needs it; a launcher's dynamo backend is refused (see :func:`refuse_dynamo`)."""
+    accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision,
         # The plateau scheduler is stepped once per epoch with the global validation loss; by
         # default Accelerate would step it once per process.
@@ -177,6 +187,22 @@ def make_accelerator(cfg: Config) -> Accelerator:
             use_seedable_sampler=True, data_seed=cfg.train.seed, non_blocking=True
         ),
     )
+    refuse_dynamo(accelerator)
+    return accelerator
+
+
+def refuse_dynamo(accelerator: Accelerator) -> None:
+    """``--dynamo_backend`` (or ``dynamo_config`` in an accelerate config file) makes ``prepare``
+    return a compiled module around the DDP wrapper: unfreezing would then not see the wrapper to
+    rebuild, and the unfrozen layers would drift apart across ranks. ``train.compile`` compiles the
+    model in place, under the wrapper, where the rebuild works."""
+    backend = accelerator.state.dynamo_plugin.backend
+    if backend != DynamoBackend.NO:
+        raise ConfigError(
+            f"accelerate launch --dynamo_backend {backend.value.lower()}: not supported by anemia-dist train "
+            f"(the DDP wrapper must be rebuilt when layers unfreeze); launch with --dynamo_backend no "
+            f"(or drop dynamo_config from the accelerate config file) and set train.compile=true instead"
+        )
 
 
 def audited_split(cfg: Config, accelerator: Accelerator) -> SplitData:
@@ -199,17 +225,23 @@ def resolve_run_dir(cfg: Config) -> Path:
 
 
 def write_run_start(cfg: Config, run: RunDirectory, split: SplitData) -> None:
-    """The resolved config, the split and the audit, before training; an existing run is never overwritten."""
-    if cfg.run.resume is None and run.has_metrics():
-        raise ConfigError(
-            f"run.name: {run.path} already holds a run; continue it with run.resume=auto or choose another run.name"
-        )
+    """The resolved config, the split and the audit, before training."""
+    refuse_existing_run(cfg, run)
     run.write_text(CONFIG, cfg.to_yaml())
     run.write_csv(SPLITS, split_rows(split))
     run.write_csv(AUDIT_CSV, split.audit.rows())
     run.write_json(AUDIT_JSON, split.audit.summary())
     run.write_csv(EXCLUDED, excluded_rows(split))
     logger.info(describe_split(split, run.path / EXCLUDED))
+
+
+def refuse_existing_run(cfg: Config, run: RunDirectory) -> None:
+    """An existing run is never overwritten; the main process looks and every rank follows its
+    answer (listings on a shared file system can be stale)."""
+    if cfg.run.resume is None and broadcast_from_main(run.has_metrics()):
+        raise ConfigError(
+            f"run.name: {run.path} already holds a run; continue it with run.resume=auto or choose another run.name"
+        )
 
 
 def apply_speed_settings(model: torch.nn.Module, cfg: TrainConfig) -> None:
@@ -277,6 +309,18 @@ def unfreeze_stages(accelerator: Accelerator, model: torch.nn.Module, cfg: Confi
     return rewrap_after_unfreeze(accelerator, model)
 
 
+def real_samples(step: int, rank: int, world: int, batch_size: int, dataset_size: int) -> int:
+    """How many leading samples of this rank's batch ``step`` are the epoch's own images.
+
+    Accelerate's ``even_batches`` gives every rank the same number of full batches: batch
+    ``step * world + rank`` of the epoch's order goes to ``rank``, and the last round is filled by
+    wrapping to the start of the order. Those wrapped samples (positions past ``dataset_size``)
+    were already trained this epoch; they are the rest of the batch.
+    """
+    first = (step * world + rank) * batch_size
+    return max(0, min(batch_size, dataset_size - first))
+
+
 def training_step(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -284,10 +328,21 @@ def training_step(
     labels: torch.Tensor,
     class_weights: torch.Tensor,
     backward: Callable[[torch.Tensor], None],
+    real: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class-weighted cross-entropy, one optimiser step; returns the logits and the loss."""
+    """Class-weighted cross-entropy Σ w_y·ℓ / Σ w_y over the first ``real`` samples (all when
+    None), one optimiser step; returns the logits and the loss.
+
+    The padded rest still runs through the model (same shapes on every rank and step) but
+    weighs nothing: a rank whose batch is all padding steps with a zero gradient, as DDP needs
+    every rank to take part in each all-reduce.
+    """
     logits = model(images)
-    loss = F.cross_entropy(logits, labels, weight=class_weights)
+    weights = class_weights[labels]
+    if real is not None and real < len(labels):
+        weights = weights * (torch.arange(len(labels), device=labels.device) < real)
+    per_sample = F.cross_entropy(logits.float(), labels, reduction="none")
+    loss = (weights * per_sample).sum() / weights.sum().clamp_min(torch.finfo(weights.dtype).tiny)
     backward(loss)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -309,12 +364,20 @@ def train_one_epoch(
     bar = progress_bar(accelerator, batches, f"epoch {epoch} train", initial=progress.step, total=len(loader))
     transform = device_transform(loader)
     steps, preempted = progress.step, False
-    for step, (images, labels) in enumerate(bar):
+    world, rank, size = accelerator.num_processes, accelerator.process_index, len(loader.dataset)
+    for images, labels in bar:
+        real = real_samples(steps, rank, world, len(labels), size) if world > 1 else len(labels)
         logits, loss = training_step(
-            training.model, training.optimizer, transform(images), labels, training.class_weights, accelerator.backward
+            training.model,
+            training.optimizer,
+            transform(images),
+            labels,
+            training.class_weights,
+            accelerator.backward,
+            real,
         )
-        totals += batch_totals(logits, labels, training.class_weights)
-        if step % 20 == 0:  # .item() waits for the device; every step would stall the pipeline
+        totals += batch_totals(logits[:real], labels[:real], training.class_weights)
+        if steps % 20 == 0:  # .item() waits for the device; every step would stall the pipeline
             bar.set_postfix(loss=f"{loss.item():.4f}")
         steps += 1
         if steps < len(loader) and watcher.step_agreed():
@@ -347,6 +410,7 @@ def metrics_row(
         "unfrozen": trainable_stages(accelerator.unwrap_model(training.model)),
         "world_size": accelerator.num_processes,
         "epoch_seconds": time.perf_counter() - trained.started,
+        "train_images": round(trained.totals.seen),
         "train_images_per_second": trained.totals.seen / trained.seconds,
     }
 
@@ -415,8 +479,20 @@ def finish_run(
     elif accelerator.is_main_process:
         groups = [s.unit or s.group for s in split.val]  # patients, merged with their duplicate images
         labels, probs, bootstrap = best.val.labels, best.val.probs, cfg.eval.bootstrap
+        # the most confident errors with their heat-maps, drawn by the saved best model
+        paths, directory = [s.path for s in split.val], run.path / REPORT
+        explain = error_explainer(run.path / BEST, paths, directory, accelerator.device, cfg.data.cache_dir)
         write_validation_report(
-            run.path / REPORT, labels, probs, groups, split.classes, best.point, bootstrap, stopper.best_epoch, rows
+            run.path / REPORT,
+            labels,
+            probs,
+            groups,
+            split.classes,
+            best.point,
+            bootstrap,
+            stopper.best_epoch,
+            rows,
+            explain,
         )
     tracking.record_outcome(accelerator, summary, rows)
     accelerator.wait_for_everyone()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import socket
 import subprocess
@@ -13,6 +14,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 import yaml
@@ -24,7 +26,7 @@ from anemia_dist.cli import launch_command
 from anemia_dist.config import load_config
 from anemia_dist.metrics import OperatingPoint
 from anemia_dist.model import build_model, set_train_mode
-from anemia_dist.run_dir import BEST
+from anemia_dist.run_dir import BEST, CHECKPOINT_INFO
 
 ROOT = Path(__file__).resolve().parents[1]
 CP_ANEMIC = ROOT.parent / "shared" / "data" / "cp-anemic"
@@ -58,7 +60,12 @@ def tiny_grid(path: Path, data: Path | str, output: Path | str, **parameters) ->
 
 def write_image(path: Path, rgb: tuple[int, int, int], size: int = 24, mode: str = "RGB", seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
-    array = np.clip(np.array(rgb)[None, None, :] + rng.normal(0, 20, (size, size, 3)), 0, 255).astype(np.uint8)
+    # A smooth random field under the noise: every picture differs in its coarse structure too, as
+    # photos do, so the near-copy finder (which sees only coarse structure) keeps them apart.
+    coarse = Image.fromarray(rng.normal(0, 60, (4, 4)).astype(np.float32), "F").resize((size, size), Image.BICUBIC)
+    field = np.asarray(coarse)[:, :, None]
+    noisy = np.array(rgb)[None, None, :] + field + rng.normal(0, 20, (size, size, 3))
+    array = np.clip(noisy, 0, 255).astype(np.uint8)
     image = Image.fromarray(array, "RGB")
     if mode == "RGBA":
         image = image.convert("RGBA")
@@ -181,6 +188,32 @@ def make_best(directory: Path, classes: list[str], threshold: float = 0.5, tempe
     model = build_model(cfg.model, len(classes))
     point = OperatingPoint(classes[0], threshold, "fixed", temperature)
     Checkpointer(Accelerator(), directory.parent, cfg, classes).save_best(model, 1, 0.7, 0.5, point)
+    return directory
+
+
+def assert_same_numbers(a, b, rel: float = 1e-6, where: str = "") -> None:
+    """Nested records equal, floats to ``rel``: the processes' batches differ, and float32 kernels
+    may round a batch of 4 and a batch of 2 differently in the last bits."""
+    if isinstance(a, float) or isinstance(b, float):
+        assert b == pytest.approx(a, rel=rel, abs=rel), f"{where}: {a} != {b}"
+    elif isinstance(a, dict) and isinstance(b, dict):
+        assert a.keys() == b.keys(), f"{where}: keys {sorted(a)} != {sorted(b)}"
+        for key in a:
+            assert_same_numbers(a[key], b[key], rel, f"{where}.{key}")
+    elif isinstance(a, list) and isinstance(b, list):
+        assert len(a) == len(b), f"{where}: {len(a)} != {len(b)} items"
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same_numbers(x, y, rel, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def fake_checkpoint(directory: Path, identity: dict, epoch: int, unfrozen: bool, step: int = 0, world: int = 2) -> Path:
+    """A complete checkpoint as far as choosing one goes: its ``checkpoint.json``."""
+    directory.mkdir(parents=True)
+    progress = {"epoch": epoch, "step": step, "unfrozen": unfrozen}
+    info = {"identity": identity, "progress": progress, "world_size": world}
+    (directory / CHECKPOINT_INFO).write_text(json.dumps(info))
     return directory
 
 

@@ -159,7 +159,9 @@ def test_training_steps_neither_wait_for_nor_copy_to_the_device(tmp_path, monkey
         return stats
 
     monkeypatch.setattr(trainer, "train_one_epoch", recorded)
-    batch_augment._constants(torch.device("cpu"))  # copied to a device once per process: not per step
+    # copied to a device once per process (per normalisation): not per step
+    batch_augment._grey_weights(torch.device("cpu"))
+    batch_augment._normalisation(torch.device("cpu"), batch_augment.IMAGENET_MEAN, batch_augment.IMAGENET_STD)
     data = make_image_folder(tmp_path / "data", {"anemic": 12, "non-anemic": 12})
     cfg = load_config(
         None,

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, TINY, check, launch, make_image_folder, script
+from accelerate import Accelerator
+from helpers import ROOT, TINY, check, fake_checkpoint, free_port, launch, make_image_folder, read_csv, script
 
-from anemia_dist.run_dir import CHECKPOINTS, WEIGHTS, read_metrics
+from anemia_dist.checkpointing import Checkpointer
+from anemia_dist.cli import launch_command
+from anemia_dist.config import load_config
+from anemia_dist.run_dir import CHECKPOINTS, METRICS, SPLITS, WEIGHTS, read_metrics
 
 pytestmark = pytest.mark.multiprocess
 
@@ -20,80 +24,96 @@ def read_ranks(out: Path, world: int) -> list[dict]:
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(world)]
 
 
-def test_validation_loss_on_two_ranks_equals_one_process(tmp_path):
-    # 13 validation images, batch 4, 2 ranks: the sampler pads the last batch with duplicates.
-    train = make_image_folder(tmp_path / "train", {"anemic": 6, "non-anemic": 9})
-    val = make_image_folder(tmp_path / "val", {"anemic": 5, "non-anemic": 8})
+def probe_validation(root: Path, overrides: list[str], world: int) -> float:
+    """val_loss_probe.py on ``world`` ranks: every rank's loss, after checking they agree."""
+    out = root / f"world{world}"
+    out.mkdir()
+    check(launch([script("val_loss_probe.py"), str(out), "--", *overrides], num_processes=world))
+    ranks = read_ranks(out, world)
+    assert all(r["n"] == 13 for r in ranks), "every validation image counted exactly once"
+    assert len({r["val_loss"] for r in ranks}) == 1, "identical on every rank"
+    return ranks[0]["val_loss"]
+
+
+@pytest.fixture(scope="module")
+def validation_one_process(tmp_path_factory):
+    # 13 validation images, batch 4: 16, 24 and 16 slots on 2, 3 and 4 ranks, the rest padding.
+    root = tmp_path_factory.mktemp("validation")
+    train = make_image_folder(root / "train", {"anemic": 6, "non-anemic": 9})
+    val = make_image_folder(root / "val", {"anemic": 5, "non-anemic": 8})
     overrides = [*TINY, f"data.root={train}", f"data.val_root={val}", "model.dropout=0.0"]
-    values = {}
-    for world in (1, 2):
-        out = tmp_path / f"world{world}"
-        out.mkdir()
-        check(launch([script("val_loss_probe.py"), str(out), "--", *overrides], num_processes=world))
-        ranks = read_ranks(out, world)
-        assert all(r["n"] == 13 for r in ranks), "every validation image counted exactly once"
-        assert len({r["val_loss"] for r in ranks}) == 1, "identical on every rank"
-        values[world] = ranks[0]["val_loss"]
-    assert values[2] == pytest.approx(values[1], rel=1e-6)
+    return overrides, probe_validation(root, overrides, 1)
 
 
-def flat_loss_run(tmp_path: Path, data: Path, world: int) -> list[dict]:
-    """lr 1e-7 and no unfreezing (layer4's BatchNorm statistics would move): a flat validation loss."""
-    run = [
-        *TINY,
-        f"data.root={data}",
-        f"run.output_dir={tmp_path / f'runs{world}'}",
-        "run.name=flat",
-        "optim.lr=1e-7",
-        "scheduler.min_lr=0",
-        "early_stopping.min_delta=1e-4",
-        "unfreeze.head_only_epochs=100",
-        "train.epochs=12",
-    ]
-    if world == 1:
-        check(
-            subprocess.run(
-                [sys.executable, "-m", "anemia_dist", "train", *run], capture_output=True, text=True, cwd=ROOT
-            )
-        )
-    else:
-        check(launch(["-m", "anemia_dist", "train", *run], num_processes=world))
-    return read_metrics(tmp_path / f"runs{world}" / "flat")
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_validation_loss_on_n_ranks_equals_one_process(tmp_path, validation_one_process, world):
+    overrides, single = validation_one_process
+    assert probe_validation(tmp_path, overrides, world) == pytest.approx(single, rel=1e-6)
 
 
-def test_plateau_cuts_lr_after_patience_plus_one_flat_epochs_on_two_ranks_as_on_one(tmp_path, image_folder):
-    rows = {world: flat_loss_run(tmp_path, image_folder, world) for world in (1, 2)}
-    for world, metrics in rows.items():
-        lrs = [row["lr"][0] for row in metrics]
-        # patience 3: epoch 1 sets the best, epochs 2-5 do not improve, the cut follows epoch 5.
-        assert lrs[:5] == [1e-7] * 5, (world, lrs)
-        assert lrs[5] == pytest.approx(0.5e-7), (world, lrs)
-        # early stopping (patience 5) ends the run after epoch 6 on every world size
-        assert len(metrics) == 6, (world, len(metrics))
-    assert [r["lr"] for r in rows[1]] == [r["lr"] for r in rows[2]]
-    assert rows[2][0]["world_size"] == 2
+FLAT = [
+    "optim.lr=1e-7",
+    "scheduler.min_lr=0",
+    "early_stopping.min_delta=1e-4",
+    "unfreeze.head_only_epochs=100",
+    "unfreeze.plateau_patience=4",
+    "train.epochs=7",
+]
+"""lr 1e-7: a flat validation loss (it moves < 1e-5 an epoch), so the plateau decides: the lr is
+cut after epoch 5 (patience 3), layer4 unfreezes at epoch 6 (4 epochs without improvement), and
+as its BatchNorm statistics then move the loss falls (by > 1e-3): epochs 6 and 7 improve, so
+early stopping (patience 5) does not stop after epoch 6 and epoch 7 is the best."""
 
 
-def spy_run(tmp_path: Path, data: Path, *flags: str, overrides: tuple[str, ...] = ()) -> list[dict]:
+def decisions(report: dict) -> dict:
+    """What the synced validation loss decides, as one rank saw it."""
+    summary = report["summary"]
+    rows = report["rows"]
+    return {
+        "lr": [row["lr"] for row in rows],
+        "unfrozen": [row["unfrozen"] for row in rows],
+        **{key: summary[key] for key in ("best_epoch", "epochs_run", "stop_reason")},
+    }
+
+
+@pytest.fixture(scope="module")
+def flat_one_process(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flat")
+    data = make_image_folder(root / "data", {"anemic": 10, "non-anemic": 13})
+    (single,) = spy_run(root, data, world=1, extra=tuple(FLAT), defaults=False)
+    return data, decisions(single)
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_plateau_unfreeze_stop_and_best_decisions_on_n_ranks_equal_one_process(tmp_path, flat_one_process, world):
+    data, single = flat_one_process
+    lrs = [lr[0] for lr in single["lr"]]
+    assert lrs[:5] == [1e-7] * 5 and lrs[5] == pytest.approx(0.5e-7), lrs
+    assert lrs[6] == pytest.approx(0.5e-7), lrs
+    assert single["unfrozen"][4:7] == [[], ["layer4"], ["layer4"]] and single["epochs_run"] == 7, single
+    assert single["best_epoch"] == 7 and single["stop_reason"] == "max_epochs", single
+    ranks = spy_run(tmp_path, data, world=world, extra=tuple(FLAT), defaults=False)
+    assert [decisions(report) for report in ranks] == [single] * world
+
+
+def spy_run(
+    tmp_path: Path, data: Path, *flags: str, extra: tuple[str, ...] = (), world: int = 2, defaults: bool = True
+) -> list[dict]:
+    """rank_spy.py's reports, one per rank; ``defaults``: a run that unfreezes at epoch 2 and stops early."""
     out = tmp_path / "spy"
     out.mkdir()
-    base = [
-        *TINY,
-        f"data.root={data}",
-        f"run.output_dir={tmp_path / 'runs'}",
-        "run.name=spy",
-        "unfreeze.head_only_epochs=1",
-        "optim.lr=1e-2",
-        "early_stopping.patience=2",
-        "train.epochs=8",
-    ]
-    check(launch([script("rank_spy.py"), str(out), *flags, "--", *base, *overrides]))
-    return read_ranks(out, 2)
+    overrides = [*TINY, f"data.root={data}", f"run.output_dir={tmp_path / 'runs'}", "run.name=spy"]
+    if defaults:
+        overrides += ["unfreeze.head_only_epochs=1", "optim.lr=1e-2", "early_stopping.patience=2", "train.epochs=8"]
+    check(launch([script("rank_spy.py"), str(out), *flags, "--", *overrides, *extra], num_processes=world))
+    return read_ranks(out, world)
 
 
-def test_two_ranks_agree_on_every_decision_and_only_rank0_writes(tmp_path):
+@pytest.mark.parametrize("precision", ["no", "fp16", "bf16"])
+def test_two_ranks_agree_on_every_decision_and_only_rank0_writes(tmp_path, precision):
     data = make_image_folder(tmp_path / "data", {"anemic": 12, "non-anemic": 16})
-    rank0, rank1 = spy_run(tmp_path, data)
+    shorter = () if precision == "no" else (f"train.mixed_precision={precision}", "train.epochs=3")
+    rank0, rank1 = spy_run(tmp_path, data, extra=shorter)
 
     # layer4 trains from epoch 2 on different data per rank, yet stays bit-identical
     hashes0 = [e["last_stage"] for e in rank0["epochs"]]
@@ -113,6 +133,7 @@ def test_two_ranks_agree_on_every_decision_and_only_rank0_writes(tmp_path):
     assert [w for w in rank1["writes"] if not own_rng_state.match(w.split(":", 1)[1])] == []
     last = tmp_path / "runs" / "spy" / CHECKPOINTS / f"epoch-{rank0['summary']['epochs_run']:04d}"
     assert (last / "random_states_1.pkl").is_file() and (last / WEIGHTS).is_file()
+    assert (last / "scaler.pt").is_file() == (precision == "fp16"), "fp16 saves the scaler, once"
     assert any("metrics.jsonl" in w for w in rank0["writes"])
 
 
@@ -130,8 +151,53 @@ def test_a_timm_backbone_unfreezes_its_last_stage_in_step_on_two_ranks(tmp_path)
     data = make_image_folder(tmp_path / "data", {"anemic": 6, "non-anemic": 14})
     arch = ("model.arch=timm:convnext_atto", "train.epochs=3", "early_stopping.patience=5")
     sampling = ("train.sampler=balanced", "train.class_weights=none")
-    rank0, rank1 = spy_run(tmp_path, data, overrides=arch + sampling)
+    rank0, rank1 = spy_run(tmp_path, data, extra=arch + sampling)
     hashes = [e["last_stage"] for e in rank0["epochs"]]
     assert hashes == [e["last_stage"] for e in rank1["epochs"]]
     assert len(set(hashes)) == 3, "frozen in epoch 1, trained in epochs 2 and 3"
     assert read_metrics(tmp_path / "runs" / "spy")[-1]["unfrozen"] == ["stages.3"]
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_every_training_image_counts_once_per_epoch_on_n_ranks(tmp_path, world):
+    # 15 training images, batch 4: 16, 24 and 16 slots per epoch on 2, 3 and 4 ranks; on 3 ranks
+    # two ranks get a last batch of padding only. The padding trains nothing and counts nowhere.
+    train = make_image_folder(tmp_path / "train", {"anemic": 7, "non-anemic": 8})
+    val = make_image_folder(tmp_path / "val", {"anemic": 3, "non-anemic": 4})
+    runs = tmp_path / "runs"
+    overrides = [*TINY, f"data.root={train}", f"data.val_root={val}", f"run.output_dir={runs}", "run.name=n"]
+    check(launch(["-m", "anemia_dist", "train", *overrides, "train.epochs=2"], num_processes=world))
+    trained = [row for row in read_csv(runs / "n" / SPLITS) if row["split"] == "train"]
+    assert len(trained) == 15
+    rows = read_metrics(runs / "n")
+    assert [row["train_images"] for row in rows] == [15, 15]
+    assert all(row["world_size"] == world for row in rows)
+
+
+def test_a_launcher_dynamo_backend_is_refused_before_training_pointing_to_train_compile(tmp_path, image_folder):
+    # Accelerate would wrap DDP in a compiled module, and the rebuild at unfreezing would miss it.
+    overrides = [*TINY, f"data.root={image_folder}", f"run.output_dir={tmp_path}", "run.name=d"]
+    command = launch_command(2, ["-m", "anemia_dist", "train", *overrides], port=free_port())
+    command[command.index("--dynamo_backend") + 1] = "eager"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "--dynamo_backend eager: not supported" in result.stderr and "train.compile=true" in result.stderr
+    assert not (tmp_path / "d").exists(), "refused before anything was written"
+
+
+def test_every_rank_follows_the_main_process_resume_decisions_despite_a_stale_listing(tmp_path):
+    classes = ["anemic", "non-anemic"]
+    cfg = load_config(None, [*TINY, f"run.output_dir={tmp_path / 'runs'}", "run.name=r", "run.resume=auto"])
+    identity = Checkpointer(Accelerator(), tmp_path, cfg, classes).identity
+    checkpoints = tmp_path / "runs" / "r" / CHECKPOINTS
+    fake_checkpoint(checkpoints / "epoch-0001", identity, 1, unfrozen=False)
+    newest = fake_checkpoint(checkpoints / "epoch-0002", identity, 2, unfrozen=True)
+    (tmp_path / "runs" / "r" / METRICS).write_text('{"epoch": 1}\n{"epoch": 2}\n')
+    out = tmp_path / "out"
+    out.mkdir()
+    overrides = [f"run.output_dir={tmp_path / 'runs'}", "run.name=r", "run.resume=auto", *TINY]
+    check(launch([script("stale_listing.py"), str(out), ",".join(classes), "--", *overrides]))
+    rank0, rank1 = read_ranks(out, 2)
+    assert rank0 == {"resume": str(newest), "unfrozen": True, "refused": True}
+    assert rank1 == rank0, "rank 1's own view (no checkpoints, no metrics, not unfrozen) is not used"

@@ -4,13 +4,15 @@ metrics, and the best epoch's validation report, which ``evaluate`` reproduces."
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
+from browser import check_report_renders
 from helpers import TINY, check, launch, make_manifest
 
 from anemia_dist.inference import evaluate
 from anemia_dist.report import FIGURES
-from anemia_dist.run_dir import BEST, META, REPORT, SPLITS, VALIDATION, read_metrics
+from anemia_dist.run_dir import BEST, META, REPORT, REPORT_PAGE, SPLITS, VALIDATION, read_metrics
 
 pytestmark = pytest.mark.multiprocess
 
@@ -40,6 +42,10 @@ def test_training_saves_the_threshold_logs_screening_metrics_and_writes_the_repo
     meta = json.loads((run / BEST / META).read_text())
     assert meta["positive_class"] == "anemic" and meta["threshold_rule"] == "sensitivity>=0.9"
     assert 0.0 <= meta["threshold"] <= 1.0 and meta["temperature"] > 0
+    # the quality gate's ranges, measured on the training split (24 px noise pictures)
+    ranges = meta["quality"]
+    assert ranges["min_size"] == 16 and ranges["max_elongation"] == 1.0 and 0 < ranges["images"] < 24
+    assert 0 < ranges["brightness"][0] <= ranges["brightness"][1] < 255
     rows = read_metrics(run)
     for row in rows:
         for key in (
@@ -64,6 +70,14 @@ def test_training_saves_the_threshold_logs_screening_metrics_and_writes_the_repo
     assert validation["threshold"] == meta["threshold"] and "ece_uncalibrated" in validation
     for name in ("report.html", *FIGURES):
         assert (run / REPORT / name).is_file(), name
+    page = (run / REPORT / REPORT_PAGE).read_text()
+    assert "Most confident false negatives" in page and "Most confident false positives" in page
+    errors = sorted(p.name for p in (run / REPORT / "errors").glob("*.png"))
+    assert page.count('class="case"') == len(errors) <= 16
+    if shutil.which("chromium"):  # where installed (CI): the page as a reader sees it
+        check_report_renders(
+            run / REPORT / REPORT_PAGE, tmp_path / "screenshots" / "validation.png", len(FIGURES) + len(errors)
+        )
 
     # evaluate on the run's validation rows reproduces the saved model's validation numbers
     record = evaluate(

@@ -25,6 +25,7 @@ ROW_KEYS = {
     "unfrozen",
     "world_size",
     "epoch_seconds",
+    "train_images",
     "train_images_per_second",
 }
 

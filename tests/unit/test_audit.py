@@ -83,7 +83,7 @@ def test_reencoded_resized_copy_is_a_near_duplicate_and_a_different_picture_is_n
         ["eye-again.jpg", "eye.png"]
     ]
     assert report.exact_groups == [] and report.conflicts == []
-    assert audit(root, near_duplicate_distance=None).near_groups == []
+    assert audit(root, near_duplicate_distance=None, near_copy_threshold=None).near_groups == []
 
 
 def test_near_pairs_finds_exactly_the_pairs_within_the_distance():
@@ -177,3 +177,67 @@ def test_audit_counts_colour_profiles_and_cameras_and_flags_unconvertible_colour
     assert "cameras (EXIF make and model): Apple iPhone 12 x2, Canon EOS R5 x1; 7 files without" in text
     rows = [row for row in report.rows() if row["kind"] == "unconvertible_colour"]
     assert len(rows) == 1 and "ICC profile cannot be read" in rows[0]["detail"]
+
+
+def test_mirrored_copies_are_grouped_by_the_near_copy_finder_and_the_json_names_it(tmp_path):
+    root = make_image_folder(tmp_path / "data", {"anemic": 4, "non-anemic": 4})
+    original = smooth_picture(3)
+    original.save(root / "anemic" / "eye.png")
+    mirrored = original.transpose(Image.Transpose.FLIP_LEFT_RIGHT).resize((56, 56))
+    (root / "non-anemic" / "eye-mirrored.jpg").write_bytes(encoded(mirrored, "JPEG", quality=85))
+    report = audit(root)
+    assert [sorted(Path(report.checks[i].path).name for i in g) for g in report.near_groups] == [
+        ["eye-mirrored.jpg", "eye.png"]
+    ]
+    # Control: the difference hash alone does not see a mirror.
+    assert audit(root, near_copy_threshold=None).near_groups == []
+    report.write(tmp_path / "report")
+    summary = json.loads((tmp_path / "report" / AUDIT_JSON).read_text())
+    assert summary["near_copy_finder"] == "near-copies-1" and summary["near_copy_threshold"] == 0.10
+    assert summary["copy_groups"] == 1 and summary["distinct_pictures"] == 9 and summary["largest_copy_group"] == 2
+    (conflict,) = summary["conflicting_label_groups"]
+    assert {(Path(m["path"]).name, m["label"]) for m in conflict["members"]} == {
+        ("eye.png", "anemic"),
+        ("eye-mirrored.jpg", "non-anemic"),
+    }
+    assert audit(root, near_copy_threshold=0.0).near_groups == []
+
+
+def test_pairs_reviewed_as_copies_join_one_group(tmp_path):
+    root = make_image_folder(tmp_path / "data", {"anemic": 4, "non-anemic": 4})
+    review = tmp_path / "review.csv"
+    copy, distinct = (root / "anemic" / "img_001.png", root / "non-anemic" / "img_002.png"), ("img_000", "img_003")
+    review.write_text(f"a,b,verdict,note\n{copy[0]},{copy[1]},copy,re-cut\n{distinct[0]},{distinct[1]},distinct,\n")
+    report = audit(root, copy_review=str(review))
+    assert [sorted(report.checks[i].path for i in g) for g in report.near_groups] == [sorted(map(str, copy))]
+    assert report.reviewed_copies == 1 and len(report.conflicts) == 1
+    assert audit(root).near_groups == []  # control: without the review they are different pictures
+
+
+def test_copies_with_different_measurements_are_listed_with_every_member(tmp_path):
+    make_image_folder(tmp_path, {"a": 3, "b": 1})
+    shutil.copy(tmp_path / "a" / "img_000.png", tmp_path / "a" / "copy.png")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,hb\na/img_000.png,10.2\na/copy.png,12.5\na/img_001.png,9.0\na/img_002.png,13.0\n")
+    cfg = DataConfig(manifest=str(manifest), measure_column="hb", threshold=11.0)
+    report = audit_data(cfg)[2]
+    summary = report.summary()
+    (conflict,) = summary["conflicting_measure_groups"]
+    rows = [
+        (r["kind"], Path(r["path"]).name, r["detail"]) for r in report.rows() if r["kind"] == "conflicting_measures"
+    ]
+    detail = "exact duplicates measured 10.2, 12.5"
+    assert sorted(rows) == [("conflicting_measures", name, detail) for name in ("copy.png", "img_000.png")]
+    assert {(Path(m["path"]).name, m["label"], m["measure"]) for m in conflict["members"]} == {
+        ("img_000.png", cfg.below_label, "10.2"),
+        ("copy.png", cfg.above_label, "12.5"),
+    }
+    assert len(summary["conflicting_label_groups"]) == 1
+    assert audit(tmp_path).summary()["conflicting_measure_groups"] == []  # a folder has no measurements
+
+
+def test_a_reviewed_name_that_several_files_share_links_none_of_them(tmp_path):
+    root = make_image_folder(tmp_path / "data", {"anemic": 4, "non-anemic": 4})
+    review = tmp_path / "review.csv"
+    review.write_text("a,b,verdict,note\nimg_001,img_002,copy,ambiguous stems\n")  # in both class folders
+    assert audit(root, copy_review=str(review)).near_groups == []

@@ -6,8 +6,11 @@ import dataclasses
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
+from anemia_dist import near_copies
 from anemia_dist.audit import audit_data
 from anemia_dist.config import load_config
 from anemia_dist.splits import build_split
@@ -79,6 +82,43 @@ def test_site_held_out_folds_keep_one_copy_and_hold_out_whole_hospitals(cp_anemi
         assert {s.site for s in split.train}.isdisjoint({s.site for s in split.val})
         for site in {s.site for s in split.val}:
             held_out[site].append(fold)
-        assert Counter(e.reason for e in split.excluded) == {"duplicate_copy": 188, "conflicting_labels": 2}
+        assert Counter(e.reason for e in split.excluded) == {"duplicate_copy": 229, "conflicting_labels": 14}
     assert len(held_out) == 9 and all(len(folds) == 1 for folds in held_out.values())
     assert len(audit_once) == 1, "one audit served the five folds"
+
+
+def test_no_validation_crop_has_a_near_copy_in_training_in_the_default_split_or_any_fold(cp_anemic, audit_once):
+    """Issue 17's guarantee. For the default split and every fold of data.folds=5: (1) the finder
+    (near-copies-1 at its cut-off, exact copies, the re-cuts reviewed in cp_anemic_review.csv) finds
+    no validation crop with a copy in training; (2) on tiny thumbnails (as training sees the picture;
+    nothing shared with the finder) no validation crop is closer to a training crop than the closest
+    pair the finder left apart on one side. Without the review, (2) fails on folds 1 and 3
+    (Image_375/376)."""
+    thumbs: dict[str, np.ndarray] = {}
+
+    def thumbnails(part, background) -> np.ndarray:
+        for s in part:
+            if s.path not in thumbs:
+                with Image.open(s.path) as image:
+                    thumbs[s.path] = near_copies.tiny_thumbnail(image, background)
+        return np.stack([thumbs[s.path] for s in part])
+
+    def margin_of(split, background) -> near_copies.SplitMargin:
+        val, train = thumbnails(split.val, background), thumbnails(split.train, background)
+        return near_copies.split_margin(val, train, [s.unit for s in split.val], [s.unit for s in split.train])
+
+    settings = [[]] + [["data.folds=5", f"data.fold={fold}"] for fold in range(5)]
+    for overrides in settings:
+        cfg = cp_config(cp_anemic, *overrides)
+        split = build_split(cfg, seed=42)
+        vector = {c.path: c.vector for c in split.audit.checks}
+        val, train = (np.stack([vector[s.path] for s in part]) for part in (split.val, split.train))
+        assert near_copies.cross_pairs(val, train, split.audit.near_copy_threshold) == [], overrides
+        digests = {c.path: c.sha256 for c in split.audit.checks}
+        assert {digests[s.path] for s in split.val}.isdisjoint(digests[s.path] for s in split.train)
+        margin = margin_of(split, cfg.alpha_background)
+        assert margin.holds, (overrides, margin)
+    assert len(audit_once) == 2, "one audit served the default split, one the five folds"
+    # Control: the check can fail. Without the reviewed re-cuts, Image_375/376 straddle fold 1.
+    cfg = cp_config(cp_anemic, "data.folds=5", "data.fold=1", "data.copy_review=null")
+    assert not margin_of(build_split(cfg, seed=42), cfg.alpha_background).holds

@@ -4,11 +4,12 @@ information on standard output, warnings on standard error."""
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 from accelerate import PartialState
 from accelerate.logging import get_logger
 
-from anemia_dist.console import _MessageFormatter, configure_logging
+from anemia_dist.console import _MessageFormatter, configure_logging, progress_bar
 
 
 def test_main_process_lines_read_as_written_and_warnings_go_to_stderr(capsys):
@@ -30,3 +31,11 @@ def test_only_the_main_process_prefix_is_dropped():
 
     assert formatted("[RANK 0] epoch 1") == "epoch 1"
     assert formatted("[RANK 1] epoch 1") == "[RANK 1] epoch 1", "another rank's line keeps its rank"
+
+
+def test_progress_bars_show_on_the_global_main_process_only():
+    """Node 2's local rank 0 stays quiet: one bar in a multi-node SLURM log, not one per node."""
+    node2 = SimpleNamespace(is_main_process=False, is_local_main_process=True)
+    main = SimpleNamespace(is_main_process=True, is_local_main_process=True)
+    assert progress_bar(node2, range(3), "epoch 1 train").disable
+    assert not progress_bar(main, range(3), "epoch 1 train").disable

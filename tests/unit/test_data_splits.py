@@ -188,3 +188,30 @@ def test_duplicates_first_keeps_one_copy_and_leaves_out_groups_with_conflicting_
         "non-anemic/z-copy.png": "conflicting_labels",
     }
     assert str(root / "anemic" / "img_001.png") in {s.path for s in split.train + split.val}
+
+
+def test_mirrored_and_turned_copies_found_by_the_finder_stay_in_one_split_in_every_fold(tmp_path):
+    from PIL import Image
+
+    root = make_image_folder(tmp_path / "data", {"anemic": 6, "non-anemic": 6})
+    for k, turn in enumerate((Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.ROTATE_180)):
+        with Image.open(root / "anemic" / f"img_00{k}.png") as image:
+            image.transpose(turn).save(root / "anemic" / f"copy_{k}.png")
+    pairs = [(f"anemic/img_00{k}.png", f"anemic/copy_{k}.png") for k in range(2)]
+    apart = 0
+    for fold in range(4):
+        split = build_split(DataConfig(root=str(root), folds=4, fold=fold), seed=0)
+        side = {
+            str(Path(s.path).relative_to(root)): name
+            for name, part in (("train", split.train), ("val", split.val))
+            for s in part
+        }
+        assert all(side[a] == side[b] for a, b in pairs)
+        control = build_split(DataConfig(root=str(root), folds=4, fold=fold, near_copy_threshold=None), seed=0)
+        side = {
+            str(Path(s.path).relative_to(root)): n
+            for n, part in (("train", control.train), ("val", control.val))
+            for s in part
+        }
+        apart += sum(side[a] != side[b] for a, b in pairs)
+    assert apart > 0, "control: without the finder some fold puts a mirrored copy on the other side"

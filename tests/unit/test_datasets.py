@@ -207,3 +207,16 @@ def test_pil_pipeline_keeps_the_per_image_pil_datasets(tmp_path):
     images, _ = next(iter(train))
     assert images.dtype == torch.float32 and images.shape[1:] == (3, 32, 32)
     assert torch.equal(device_transform(train)(images), images)
+
+
+def pil_batches(cfg, split, rank: int) -> list[torch.Tensor]:
+    train, _ = make_loaders(cfg, split, pin_memory=False, rank=rank)
+    return [images for images, _ in train]
+
+
+def test_pil_loader_workers_draw_their_own_augmentation_per_rank_reproducibly(tmp_path):
+    """The ranks shuffle alike (Accelerate then shards that order) but augment differently."""
+    cfg, split = split_and_config(tmp_path, "data.pipeline=pil", "data.num_workers=1")
+    rank0, again, rank1 = pil_batches(cfg, split, 0), pil_batches(cfg, split, 0), pil_batches(cfg, split, 1)
+    assert all(torch.equal(a, b) for a, b in zip(rank0, again, strict=True)), "a fixed seed reproduces the stream"
+    assert not any(torch.equal(a, b) for a, b in zip(rank0, rank1, strict=True)), "rank 1 draws its own"

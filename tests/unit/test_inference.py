@@ -20,7 +20,7 @@ def test_predict_lists_a_corrupt_file_and_scores_the_rest(tmp_path, capsys):
     best = make_best(tmp_path / BEST, ["anemic", "non-anemic"], threshold=0.5)
     folder = make_image_folder(tmp_path / "images", {"a": 5, "b": 4})
     (folder / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
-    (folder / "notes.txt").write_text("not an image, not listed")
+    (folder / "notes.txt").write_text("not an image: listed with its error")
     out = tmp_path / "preds.csv"
     assert (
         main(
@@ -40,9 +40,10 @@ def test_predict_lists_a_corrupt_file_and_scores_the_rest(tmp_path, capsys):
         == 0
     )
     rows = read_csv(out)
-    assert len(rows) == 10
-    broken = [r for r in rows if r["path"].endswith("broken.png")]
-    assert len(broken) == 1 and broken[0]["error"] and broken[0]["probability"] == ""
+    assert len(rows) == 11
+    for name in ("broken.png", "notes.txt"):
+        broken = [r for r in rows if r["path"].endswith(name)]
+        assert len(broken) == 1 and broken[0]["error"] and broken[0]["probability"] == ""
     scored = [r for r in rows if not r["error"]]
     assert len(scored) == 9
     for row in scored:
@@ -60,7 +61,9 @@ def test_predict_and_evaluate_see_the_same_images(tmp_path):
         best, manifest, ["data.num_workers=0", "eval.bootstrap=100"], batch_size=4, report_dir=tmp_path / "rep"
     )
     evaluated = {r["path"]: r for r in read_csv(tmp_path / "rep" / PREDICTIONS)}
-    predicted = predict(best, [tmp_path / "data"], batch_size=3, num_workers=0)
+    listed = predict(best, [tmp_path / "data"], batch_size=3, num_workers=0)
+    predicted = [r for r in listed if not r["path"].endswith("manifest.csv")]  # listed with its error
+    assert len(listed) == len(predicted) + 1
     assert len(predicted) == len(evaluated) == record["n"] == 11
     for row in predicted:
         match = evaluated[row["path"]]
