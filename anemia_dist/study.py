@@ -237,6 +237,7 @@ def run_fold(cfg: Config, plan: StudyPlan, study_dir: Path, fold: int) -> dict[s
         batch_size=cfg.train.batch_size,
         out=directory / TEST_JSON,
         report_dir=directory / TEST_REPORT,
+        quality_gate=False,  # audited like the training data: every test image is scored, exactly once
     )
 
 
