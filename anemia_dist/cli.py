@@ -18,7 +18,7 @@ from pathlib import Path
 from .config import ARCHS, Config, DataConfig, ModelConfig, TrainConfig, load_config
 from .console import configure_logging
 from .errors import USER_ERRORS
-from .run_dir import AUDIT_JSON, BEST, CURVES, METRICS, REPORT, REPORT_PAGE, SUMMARY
+from .run_dir import AUDIT_JSON, BEST, CONFIG, CURVES, METRICS, REPORT, REPORT_PAGE, SUMMARY
 from .sweep import add_arguments as add_sweep_arguments
 
 
@@ -38,6 +38,47 @@ def cmd_train(args: argparse.Namespace) -> int:
         return PREEMPTED_EXIT_CODE
     if _is_main_rank():
         print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from .preemption import PREEMPTED_EXIT_CODE, Preempted
+    from .study import run_study
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        study = run_study(cfg)
+    except Preempted as preempted:
+        print(f"anemia-dist study: {preempted}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
+    if study is not None:
+        print(study_summary(study))
+    return 0
+
+
+def study_summary(study: dict) -> str:
+    """The pooled numbers in three lines, and where the rest is."""
+    pooled, spread = study["pooled"], study["across_folds"]
+
+    def shown(name: str) -> str:
+        ci = pooled["ci"][name]
+        value = "undefined" if pooled[name] is None else f"{pooled[name]:.3f}"
+        return value + ("" if ci["low"] is None else f" ({ci['low']:.3f}-{ci['high']:.3f})")
+
+    sd = ", ".join(f"{k} {v['mean']:.3f} ± {(v['sd'] or 0.0):.3f}" for k, v in spread.items() if v["mean"] is not None)
+    return (
+        f"study {study['study']}: {study['folds_done']} of {study['folds_planned']} folds, {pooled['n']} images\n"
+        f"  pooled AUROC {shown('auroc')}, sensitivity {shown('sensitivity')}, specificity {shown('specificity')}\n"
+        f"  across folds: {sd}\n  report: {study['report']}"
+    )
+
+
+def cmd_study_report(args: argparse.Namespace) -> int:
+    from .study_report import pool_study
+
+    overrides = args.overrides
+    cfg = load_config(Path(args.study_dir) / CONFIG, overrides) if overrides else None
+    print(study_summary(pool_study(Path(args.study_dir), cfg)))
     return 0
 
 
@@ -388,8 +429,24 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
     export.set_defaults(func=cmd_export)
 
 
+def _add_study_parsers(sub: argparse._SubParsersAction) -> None:
+    study = sub.add_parser(
+        "study",
+        help="cross-validation (study.folds=K) or leave-one-site-out (study.by=site): one run per fold in "
+        "RUN/fold-K, tested on its held-out fold, pooled into RUN/study.json (reruns continue)",
+    )
+    study.add_argument("--config", help="YAML file, or a packaged config name (default, demo, cp_anemic)")
+    study.add_argument("overrides", nargs="*", help="dotted overrides, e.g. study.folds=5 run.name=cv5")
+    study.set_defaults(func=cmd_study)
+    report = sub.add_parser("study-report", help="pool whatever folds of a study are done (study.json, report)")
+    report.add_argument("study_dir", help="the study's directory, RUN.OUTPUT_DIR/RUN.NAME")
+    report.add_argument("overrides", nargs="*", help="e.g. eval.prevalence=0.2 study.subgroups=[GENDER]")
+    report.set_defaults(func=cmd_study_report)
+
+
 SUBCOMMANDS = (
     _add_train_parser,
+    _add_study_parsers,
     _add_demo_parser,
     _add_audit_parser,
     _add_fetch_parser,

@@ -416,6 +416,9 @@ class EvalConfig:
     interval: float = 0.9
     """model.task=regress: coverage of the per-image prediction intervals (split-conformal,
     calibrated on the validation residuals, patients counted once)."""
+    prevalence: float | None = None
+    """A screening prevalence (e.g. 0.2) at which studies also report PPV and NPV, from the
+    sensitivity and specificity; default: only at the data's own prevalence."""
 
     def __post_init__(self) -> None:
         _check(bool(self.positive_class.strip()), "eval.positive_class", "must name a class, e.g. anemic")
@@ -429,6 +432,8 @@ class EvalConfig:
         )
         _check(self.bootstrap >= 100, "eval.bootstrap", f"must be >= 100 resamples, got {self.bootstrap}")
         _check(0.0 < self.interval < 1.0, "eval.interval", f"must be in (0, 1), got {self.interval}")
+        if self.prevalence is not None:
+            _check(0.0 < self.prevalence < 1.0, "eval.prevalence", f"must be in (0, 1) or null, got {self.prevalence}")
 
 
 WANDB_MODES = ("off", "online", "offline")
@@ -452,6 +457,8 @@ class TrackingConfig:
     """W&B user or team; default: the key's default entity."""
     run_name: str | None = None
     """Display name in W&B and MLflow; default: run.name."""
+    group: str | None = None
+    """W&B run group: the fold runs of a study share the study's name."""
     tags: list[str] = field(default_factory=list)
     """W&B tags; in MLflow, tags named so with the value ``true``."""
     mlflow_uri: str | None = None
@@ -481,6 +488,29 @@ class TrackingConfig:
 
 
 @dataclass
+class StudyConfig:
+    """``anemia-dist study``: cross-validation, each fold an ordinary run trained on the others."""
+
+    folds: int = 5
+    """Outer folds (study.by=folds): each held-out fold is a test fold, seen by nothing that trains."""
+    by: Literal["folds", "site"] = "folds"
+    """``folds``: stratified k-fold over split units (patients merged with their copies); ``site``:
+    leave one site out (needs data.site_column)."""
+    fold: int | None = None
+    """Run only this fold (a SLURM array task); default: every fold not finished yet."""
+    subgroups: list[str] = field(default_factory=list)
+    """Manifest columns (one row per value) or conditions ``COLUMN OP VALUE`` for the subgroup table."""
+
+    def __post_init__(self) -> None:
+        _check(self.folds >= 2, "study.folds", f"must be at least 2, got {self.folds}")
+        if self.fold is not None:
+            _check(self.fold >= 0, "study.fold", f"must be >= 0 or null, got {self.fold}")
+        for i, text in enumerate(self.subgroups):
+            if CONDITION.match(text) is None:
+                _check(bool(text.strip()), f"study.subgroups[{i}]", "empty subgroup; name a column or a condition")
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -493,6 +523,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
 
     def __post_init__(self) -> None:
         """ResNet stages are known here: ``last`` becomes ``layer4`` and unknown names stop now

@@ -66,6 +66,7 @@ def wandb_init_kwargs(cfg: Config, run_id: str | None, mode: str) -> dict[str, A
         "name": _display_name(cfg),
         "entity": cfg.tracking.entity,
         "tags": cfg.tracking.tags or None,
+        "group": cfg.tracking.group,
         "mode": mode,
         "id": run_id,
         "resume": "allow" if run_id else None,
@@ -254,3 +255,16 @@ def _record(
         mlflow.set_tags(texts)
     elif tracker.name == TENSORBOARD:
         tracker.log({f"summary/{k}": v for k, v in (numbers | texts).items()}, step=step)
+
+
+def record_summary_run(cfg: Config, values: dict[str, Any]) -> str | None:
+    """One more W&B run (a study's pooled numbers) holding ``values`` as its summary, in the group and
+    under the name ``cfg.tracking`` gives; returns its id, or None when W&B is not among the trackers."""
+    if WANDB not in tracker_names(cfg.tracking):
+        return None
+    tracker = _start_wandb(cfg, None)
+    tracker.store_init_configuration(cfg.to_dict())
+    tracker.run.summary.update(values)
+    run_id = tracker.run.id
+    tracker.finish()
+    return run_id

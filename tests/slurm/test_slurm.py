@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import TINY, free_port, make_image_folder, script
+from helpers import TINY, check, free_port, make_image_folder, make_manifest, run_cli, script
 from slurm_jobs import (
     FINISHED,
     SLURM,
@@ -34,7 +34,7 @@ from slurm_jobs import (
 
 from anemia_dist import sweep
 from anemia_dist.preemption import PREEMPTED_EXIT_CODE
-from anemia_dist.run_dir import BEST, CONFIG, SUMMARY, WEIGHTS, read_metrics
+from anemia_dist.run_dir import BEST, CONFIG, OOF_PREDICTIONS, STUDY_JSON, SUMMARY, WEIGHTS, read_metrics
 
 SCRIPTS = [SLURM / name for name in ("lib.sh", "node_launch.sh", "local_cluster.sh")] + sorted(SLURM.glob("*.sbatch"))
 
@@ -194,3 +194,53 @@ def test_sweep_agent_array_runs_one_trial_per_task_as_an_accelerate_launch_run(s
         assert yaml.safe_load((run_dir / CONFIG).read_text())["optim"]["lr"] == lr, output[-4000:]
         assert json.loads((run_dir / SUMMARY).read_text())["epochs_run"] == 1
     assert sorted(p.name.rsplit("-", 1)[-1] for p in (tmp_path / "wandb").glob("offline-run-*")) == ["task0", "task1"]
+
+
+@pytest.mark.slurm
+@pytest.mark.multiprocess
+def test_study_array_runs_one_fold_per_task_requeues_a_preempted_task_alone_and_pools_as_one_launch(
+    slurm_env, tmp_path
+):
+    """Fold K in array task K; task 1 is signalled mid-training, requeued alone and resumes; the pooling
+    job's study.json equals that of the same study run in one launch."""
+    data = make_manifest(tmp_path / "data", {"anemic": 12, "non-anemic": 12}, per_group=1)
+    args = [*TINY, f"data.manifest={data}", "data.val_fraction=0.34", "train.epochs=4", "early_stopping.patience=100"]
+    args += ["study.folds=2", "eval.bootstrap=200", "run.name=cv2", "optim.lr=0.003"]
+    env = {"CPU_PROCESSES": "1"}
+    job = submit(
+        slurm_env,
+        tmp_path,
+        "study_array.sbatch",
+        [*args, f"run.output_dir={tmp_path / 'runs'}"],
+        ("--array=0-1",),
+        env=env,
+    )
+    fold1 = tmp_path / "runs" / "cv2" / "fold-1"
+    try:
+        deadline = time.monotonic() + 300
+        while not read_metrics(fold1):
+            assert time.monotonic() < deadline, "fold 1 never trained an epoch"
+            output = "".join(p.read_text() for p in tmp_path.glob(f"slurm-anemia-dist-study-{job}_*.out"))
+            assert not all_tasks_finished(slurm_env, job, 2), output[-5000:]
+            time.sleep(0.5)
+        subprocess.run(["scancel", "--signal=USR1", "--batch", f"{job}_1"], env=slurm_env, check=True)
+        wait_for(slurm_env, f"{job}_1", lambda i: int(i["Restarts"]) >= 1, timeout=120)
+        wait_for(slurm_env, job, lambda _: all_tasks_finished(slurm_env, job, 2), timeout=600)
+        tasks = {task: job_info(slurm_env, f"{job}_{task}") for task in (0, 1)}
+        pool, info = run_job(
+            slurm_env, tmp_path, "study_array.sbatch", [*args, f"run.output_dir={tmp_path / 'runs'}"], env=env
+        )
+    finally:
+        subprocess.run(["scancel", job], env=slurm_env, capture_output=True)
+    outputs = {task: (tmp_path / f"slurm-anemia-dist-study-{job}_{task}.out").read_text() for task in (0, 1)}
+    assert all(t["JobState"] == "COMPLETED" for t in tasks.values()), outputs[1][-5000:]
+    assert (tasks[0]["Restarts"], tasks[1]["Restarts"]) == ("0", "1")  # only the signalled task was requeued
+    assert f"requeueing job {job}_1" in outputs[1] and "requeueing" not in outputs[0]
+    pooled_output = "".join(p.read_text() for p in tmp_path.glob(f"slurm-anemia-dist-study-{pool}*.out"))
+    assert info["JobState"] == "COMPLETED" and "2 of 2 folds" in pooled_output, pooled_output[-5000:]
+    check(run_cli("study", *args, f"run.output_dir={tmp_path / 'one'}"))  # the same study in one launch
+    arrayed = json.loads((tmp_path / "runs" / "cv2" / STUDY_JSON).read_text())
+    single = json.loads((tmp_path / "one" / "cv2" / STUDY_JSON).read_text())
+    assert arrayed["folds_done"] == 2 and arrayed["pooled"] == single["pooled"] and arrayed["folds"] == single["folds"]
+    oof = [(tmp_path / run / "cv2" / OOF_PREDICTIONS).read_text() for run in ("runs", "one")]
+    assert oof[0] == oof[1] and len(oof[0].splitlines()) == 25  # every image's probability, to the digit
