@@ -151,12 +151,10 @@ def evaluate(
     """
     cfg = evaluation_config(data, overrides)
     accelerator = Accelerator(
-        mixed_precision="no",  # the checkpoint's own precision instead: in_training_precision
         dataloader_config=DataLoaderConfiguration(non_blocking=True),  # from pinned memory, overlapping compute
         kwargs_handlers=[collective_timeout(cfg.train.collective_timeout_minutes)],
     )
     model, meta, point = load_model(checkpoint_dir)
-    model = in_training_precision(model, meta, accelerator.device)
     samples, classes = load_source(cfg.data.root, cfg.data.manifest, meta["classes"], cfg.data.group_column, cfg.data)
     if split is not None:
         samples = [s for s in samples if s.split == split]
@@ -178,7 +176,9 @@ def evaluate(
         num_workers=cfg.data.num_workers,
         pin_memory=accelerator.device.type == "cuda",
     )
-    model = accelerator.prepare_model(model, evaluation_mode=True)
+    # Not prepare_model: its autocast would be the launcher's (or a study's training run's), and
+    # the checkpoint's precision is what the threshold was fitted in. No DDP for inference either.
+    model = in_training_precision(model.to(accelerator.device), meta, accelerator.device)
     loader = accelerator.prepare_data_loader(loader)
     logger.info(
         f"evaluating {checkpoint_dir} on {len(samples)} images from {data}, {accelerator.num_processes} process(es)"

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from helpers import TINY, make_best, make_image_folder
+from helpers import TINY, make_best, make_image_folder, read_csv
 from torch import nn
 from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 from torch._dynamo.testing import CompileCounterWithBackend
@@ -34,7 +34,7 @@ from anemia_dist.metrics import OperatingPoint
 from anemia_dist.model import build_model, freeze_backbone, set_train_mode, unfreeze
 from anemia_dist.preemption import PreemptionWatcher
 from anemia_dist.progress import TrainingProgress
-from anemia_dist.run_dir import BEST, META
+from anemia_dist.run_dir import BEST, META, PREDICTIONS
 from anemia_dist.sources import Sample
 from anemia_dist.tasks import ClassifyTask
 from anemia_dist.torch_settings import CUBLAS_WORKSPACE, make_deterministic
@@ -361,3 +361,19 @@ def test_without_a_symbolic_batch_dimension_the_last_batch_compiles_its_own_vari
     monkeypatch.setattr(validation, "any_batch_size", lambda images: images)
     counts, _ = compiles_per_epoch(1)
     assert counts == [3]  # the control: the counter sees the extra variant
+
+
+def test_evaluate_in_a_process_that_trained_in_bf16_scores_in_the_checkpoints_precision(
+    tmp_path, fresh_accelerator_state
+):
+    # A study trains and then evaluates in one process: Accelerate's state is already bf16.
+    Accelerator(cpu=True, mixed_precision="bf16")
+    best = make_best(tmp_path / BEST, ["anemic", "non-anemic"])  # its meta.json: bf16, as this process trains
+    folder = make_image_folder(tmp_path / "data", {"anemic": 3, "non-anemic": 3})
+    overrides = ["data.num_workers=0", "eval.bootstrap=100"]
+    record = evaluate(best, folder, overrides, batch_size=2, report_dir=tmp_path / "r")  # no precision clash
+    rows = predict(best, sorted(folder.rglob("*.png")), batch_size=2, num_workers=0)
+    assert record["n"] == 6
+    scored = {row["path"]: row["probability"] for row in rows}
+    evaluated = read_csv(tmp_path / "r" / PREDICTIONS)
+    assert all(scored[row["path"]] == row["probability"] for row in evaluated)
