@@ -76,16 +76,17 @@ COMPILE_SPY = textwrap.dedent("""
     torch.nn.Module.compile = lambda self, **kwargs: compile_in_place(self, backend="aot_eager")
     import anemia_dist.trainer as trainer
     from anemia_dist.config import load_config
+    from anemia_dist.tasks import ClassifyTask
 
-    hashes, validate = [], trainer.validate
+    hashes, validate = [], ClassifyTask.validate
 
-    def spy(accelerator, model, loader, class_weights):
-        result = validate(accelerator, model, loader, class_weights)
+    def spy(task, accelerator, model, loader, class_weights):
+        result = validate(task, accelerator, model, loader, class_weights)
         layer4 = accelerator.unwrap_model(model).layer4.state_dict().values()
         hashes.append(hashlib.sha256(b"".join(t.detach().numpy().tobytes() for t in layer4)).hexdigest())
         return result
 
-    trainer.validate = spy
+    ClassifyTask.validate = spy
     trainer.train(load_config(None, sys.argv[2:]))
     with open(os.path.join(sys.argv[1], "rank" + os.environ["RANK"] + ".json"), "w") as handle:
         json.dump(hashes, handle)

@@ -21,6 +21,7 @@ import torch
 import anemia_dist.trainer as trainer
 from anemia_dist.config import load_config
 from anemia_dist.model import backbone_stages, resolve_stages
+from anemia_dist.tasks import ClassifyTask
 
 WRITE_EVENTS = {"os.rename", "os.replace", "os.mkdir", "os.remove", "os.rmdir", "shutil.rmtree"}
 
@@ -56,17 +57,17 @@ def main() -> None:
     torch.save = recorded_save
 
     epochs: list[dict] = []
-    real_validate = trainer.validate
+    real_validate = ClassifyTask.validate
 
-    def spying_validate(accelerator, model, loader, class_weights):
-        result = real_validate(accelerator, model, loader, class_weights)
+    def spying_validate(task, accelerator, model, loader, class_weights):
+        result = real_validate(task, accelerator, model, loader, class_weights)
         inner = accelerator.unwrap_model(model)
         last = backbone_stages(inner)[resolve_stages(inner, ["last"])[0]]  # ResNet: layer4
         digest = hashlib.sha256(b"".join(t.detach().cpu().numpy().tobytes() for t in last)).hexdigest()
         epochs.append({"val_loss": result.loss, "last_stage": digest})
         return result
 
-    trainer.validate = spying_validate
+    ClassifyTask.validate = spying_validate
     rows: list[dict] = []
     real_metrics_row = trainer.metrics_row
 
