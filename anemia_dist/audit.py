@@ -381,22 +381,16 @@ def _counts(counts: dict[str, int]) -> str:
 
 
 def audit_samples(
-    samples: Sequence[Sample],
-    classes: Sequence[str],
-    min_size: int,
-    near_duplicate_distance: int | None,
-    background: Sequence[int],
-    decode_side: int,
-    near_copy_threshold: float | None = None,
-    reviewed: Sequence[tuple[str, str]] = (),
+    samples: Sequence[Sample], classes: Sequence[str], cfg: DataConfig, reviewed: Sequence[tuple[str, str]] = ()
 ) -> AuditReport:
-    """Check every sample's file (in threads: decoding releases the GIL) and group the duplicates.
-    ``reviewed``: pairs of file names (or stems, or paths) known to be copies."""
+    """Check every sample's file (in threads: decoding releases the GIL) and group the duplicates
+    as ``cfg`` says. ``reviewed``: pairs of file names (or stems, or paths) known to be copies."""
+    decode_side, near_copy_threshold = working_size(cfg.image_size), cfg.near_copy_threshold
     started = time.perf_counter()
     paths = [s.path for s in samples]
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         vector = near_copy_threshold is not None
-        checks = list(pool.map(lambda p: check_file(p, min_size, background, decode_side, vector), paths))
+        checks = list(pool.map(lambda p: check_file(p, cfg.min_size, cfg.alpha_background, decode_side, vector), paths))
     checks = [_require_measurement(check, sample) for check, sample in zip(checks, samples, strict=True)]
     good = [i for i, check in enumerate(checks) if check.problem is None]
 
@@ -407,7 +401,8 @@ def audit_samples(
 
     contents = list(by_content.values())
     firsts = [checks[members[0]] for members in contents]
-    pairs = [] if near_duplicate_distance is None else near_pairs([c.dhash for c in firsts], near_duplicate_distance)
+    distance = cfg.near_duplicate_distance
+    pairs = [] if distance is None else near_pairs([c.dhash for c in firsts], distance)
     if near_copy_threshold is not None and firsts:
         found = near_copies.near_copy_pairs(np.stack([c.vector for c in firsts]), near_copy_threshold)
         pairs += [(i, j) for i, j, _ in found]
@@ -424,8 +419,8 @@ def audit_samples(
         labels,
         exact,
         near,
-        min_size,
-        near_duplicate_distance,
+        cfg.min_size,
+        cfg.near_duplicate_distance,
         time.perf_counter() - started,
         near_copy_threshold,
         len(reviewed_pairs),
@@ -465,14 +460,5 @@ def audit_data(cfg: DataConfig) -> tuple[list[Sample], list[str], AuditReport]:
     """Every sample the config names, and the audit of their files (what ``anemia-dist audit-data`` runs)."""
     samples, classes = load_samples(cfg)
     reviewed = [] if cfg.copy_review is None else near_copies.read_review(review_path(cfg.copy_review))
-    report = audit_samples(
-        samples,
-        classes,
-        cfg.min_size,
-        cfg.near_duplicate_distance,
-        cfg.alpha_background,
-        working_size(cfg.image_size),
-        cfg.near_copy_threshold,
-        [(a, b) for a, b, verdict in reviewed if verdict == "copy"],
-    )
+    report = audit_samples(samples, classes, cfg, [(a, b) for a, b, verdict in reviewed if verdict == "copy"])
     return samples, classes, report

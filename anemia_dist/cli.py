@@ -13,7 +13,9 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .config import ARCHS, Config, DataConfig, ModelConfig, TrainConfig, load_config
 from .console import configure_logging
@@ -26,34 +28,33 @@ def _is_main_rank() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _until_preempted(command: str, run: Callable[[Config], Any], cfg: Config) -> tuple[Any, int]:
+    """``run(cfg)`` and exit status 0, or (None, 75) after a signal saved a checkpoint (SLURM requeues)."""
     from .preemption import PREEMPTED_EXIT_CODE, Preempted
+
+    try:
+        return run(cfg), 0
+    except Preempted as preempted:
+        print(f"anemia-dist {command}: {preempted}", file=sys.stderr)
+        return None, PREEMPTED_EXIT_CODE
+
+
+def cmd_train(args: argparse.Namespace) -> int:
     from .trainer import train
 
-    cfg = load_config(args.config, args.overrides)
-    try:
-        summary = train(cfg)
-    except Preempted as preempted:
-        print(f"anemia-dist train: {preempted}", file=sys.stderr)
-        return PREEMPTED_EXIT_CODE
-    if _is_main_rank():
+    summary, status = _until_preempted("train", train, load_config(args.config, args.overrides))
+    if summary is not None and _is_main_rank():
         print(json.dumps(summary, indent=2))
-    return 0
+    return status
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from .preemption import PREEMPTED_EXIT_CODE, Preempted
     from .study import run_study
 
-    cfg = load_config(args.config, args.overrides)
-    try:
-        study = run_study(cfg)
-    except Preempted as preempted:
-        print(f"anemia-dist study: {preempted}", file=sys.stderr)
-        return PREEMPTED_EXIT_CODE
+    study, status = _until_preempted("study", run_study, load_config(args.config, args.overrides))
     if study is not None:
         print(study_summary(study))
-    return 0
+    return status
 
 
 def study_summary(study: dict) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -25,6 +26,24 @@ def broadcast_from_main(value: Any) -> Any:
     holder = [value]
     broadcast_object_list(holder, from_process=0)
     return holder[0]
+
+
+def decided_on_main(decide: Callable[[], Any], is_main: bool) -> Any:
+    """``decide()`` run on the main process alone; every rank gets its result, or raises its error.
+
+    Sharing the error too means a bad input stops every rank together, instead of leaving the
+    others waiting at the broadcast.
+    """
+    result: Any = None
+    if is_main:
+        try:
+            result = decide()
+        except Exception as error:  # re-raised on every rank below
+            result = error
+    result = broadcast_from_main(result)
+    if isinstance(result, Exception):
+        raise result
+    return result
 
 
 def any_rank(accelerator: Accelerator, flag: bool) -> bool:

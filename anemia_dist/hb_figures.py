@@ -3,7 +3,6 @@ predicted against measured with the thresholds, per-threshold ROC curves, interv
 
 from __future__ import annotations
 
-import base64
 import html
 import math
 from collections.abc import Sequence
@@ -15,7 +14,7 @@ from sklearn.metrics import roc_curve
 
 from .figures import _pyplot
 from .regression_metrics import AGREEMENT
-from .report import STYLE
+from .report import figure_grid, write_page
 from .run_dir import REPORT_PAGE
 
 BLAND_ALTMAN = "bland_altman.png"
@@ -125,15 +124,6 @@ def plot_intervals(measured: np.ndarray, predicted: np.ndarray, radius: float, r
     plt.close(figure)
 
 
-def _figure(directory: Path, name: str) -> str:
-    encoded = base64.b64encode((directory / name).read_bytes()).decode("ascii")
-    caption = html.escape(HB_FIGURES[name])
-    return (
-        f'<figure><a href="{name}"><img src="data:image/png;base64,{encoded}" alt="{caption}"></a>'
-        f"<figcaption>{caption}</figcaption></figure>"
-    )
-
-
 def _cell(entry: dict[str, Any]) -> str:
     value, low, high = entry.get("value"), entry.get("low"), entry.get("high")
     shown = "undefined" if value is None else f"{value:.3f}"
@@ -160,12 +150,6 @@ def write_hb_page(directory: Path, title: str, result: dict[str, Any], notes: Se
         "<table><tr><th>threshold</th><th>measured below</th><th>AUROC</th>"
         f"{header}<th>sensitivity</th>{header}<th>specificity</th>{header}</tr>{screening}</table>",
         "<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(note)}</li>" for note in notes) + "</ul>",
-        '<h2>Figures</h2><div class="figures">' + "".join(_figure(directory, n) for n in HB_FIGURES) + "</div>",
+        figure_grid(directory, list(HB_FIGURES), HB_FIGURES),
     ]
-    page = (
-        f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-        f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>\n"
-    )
-    path = directory / REPORT_PAGE
-    path.write_text(page)
-    return path
+    return write_page(directory / REPORT_PAGE, title, body)

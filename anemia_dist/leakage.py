@@ -23,7 +23,6 @@ from . import near_copies
 from .audit import AuditReport, audit_samples, near_pairs
 from .config import DataConfig, review_path
 from .errors import DataError
-from .images import working_size
 from .run_dir import SPLITS
 from .sources import Sample, find_image_files, read_manifest, scan_image_folder
 
@@ -75,15 +74,7 @@ def check(found: LabelledSet, cfg: DataConfig) -> LabelledSet:
     """``found`` with its audit: every file read, hashed and given its near-copy vector."""
     classes = sorted(set(found.labels))
     samples = [Sample(path, classes.index(label), path) for path, label in zip(found.paths, found.labels, strict=True)]
-    report = audit_samples(
-        samples,
-        classes,
-        cfg.min_size,
-        cfg.near_duplicate_distance,
-        cfg.alpha_background,
-        working_size(cfg.image_size),
-        cfg.near_copy_threshold,
-    )
+    report = audit_samples(samples, classes, cfg)
     return replace(found, report=report)
 
 

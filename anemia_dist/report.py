@@ -55,13 +55,33 @@ def _metrics_table(result: dict[str, Any]) -> str:
     return "<table><tr><th>metric</th><th>value</th><th>95% CI</th><th>interval</th></tr>" + "".join(rows) + "</table>"
 
 
-def _figure_html(directory: Path, name: str) -> str:
+def figure_html(directory: Path, name: str, caption: str) -> str:
+    """The PNG ``directory/name`` embedded (the page stands alone), linked to its file, captioned."""
     encoded = base64.b64encode((directory / name).read_bytes()).decode("ascii")
-    caption = html.escape(FIGURES[name])
+    caption = html.escape(caption)
     return (
         f'<figure><a href="{name}"><img src="data:image/png;base64,{encoded}" alt="{caption}"></a>'
         f'<figcaption>{caption} (<a href="{name}">{name}</a>)</figcaption></figure>'
     )
+
+
+def figure_grid(directory: Path, names: Sequence[str], captions: dict[str, str]) -> str:
+    """The "Figures" section: each named PNG as :func:`figure_html`, side by side."""
+    return (
+        '<h2>Figures</h2><div class="figures">'
+        + "".join(figure_html(directory, n, captions[n]) for n in names)
+        + "</div>"
+    )
+
+
+def write_page(path: Path, title: str, body: Sequence[str]) -> Path:
+    """One self-contained HTML page (the house style inline, no request leaves it) at ``path``."""
+    page = (
+        f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>\n"
+    )
+    path.write_text(page)
+    return path
 
 
 @dataclass
@@ -131,17 +151,13 @@ def write_html(
         "<ul>" + "".join(f"<li>{fact}</li>" for fact in facts) + "</ul>",
         _metrics_table(result),
         "<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(note)}</li>" for note in notes) + "</ul>",
-        '<h2>Figures</h2><div class="figures">' + "".join(_figure_html(directory, n) for n in small) + "</div>",
-        *(f'<div class="wide">{_figure_html(directory, n)}</div>' for n in wide),
+        '<h2>Figures</h2><div class="figures">'
+        + "".join(figure_html(directory, n, FIGURES[n]) for n in small)
+        + "</div>",
+        *(f'<div class="wide">{figure_html(directory, n, FIGURES[n])}</div>' for n in wide),
         *(_gallery_html(directory, gallery) for gallery in galleries),
     ]
-    page = (
-        f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-        f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>\n"
-    )
-    path = directory / REPORT_PAGE
-    path.write_text(page)
-    return path
+    return write_page(directory / REPORT_PAGE, title, body)
 
 
 def standard_notes(result: dict[str, Any]) -> list[str]:

@@ -20,7 +20,7 @@ from sklearn.utils.class_weight import compute_class_weight
 
 from .audit import AuditReport, audit_data, connected_groups
 from .config import DataConfig
-from .distributed import broadcast_from_main
+from .distributed import decided_on_main
 from .errors import DataError
 from .sources import Sample, class_name
 
@@ -149,16 +149,7 @@ def build_split_on_main(cfg: DataConfig, seed: int, is_main: bool) -> SplitData:
     Sharing the error too means a bad file stops every rank before training, together, instead of
     leaving the others waiting at the broadcast.
     """
-    result: SplitData | Exception | None = None
-    if is_main:
-        try:
-            result = build_split(cfg, seed)
-        except Exception as error:  # re-raised on every rank below
-            result = error
-    result = broadcast_from_main(result)
-    if isinstance(result, Exception):
-        raise result
-    return result
+    return decided_on_main(lambda: build_split(cfg, seed), is_main)
 
 
 def balanced_class_weights(train: Sequence[Sample], num_classes: int) -> torch.Tensor:

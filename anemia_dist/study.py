@@ -34,7 +34,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from .audit import audit_data
 from .config import Config
-from .distributed import broadcast_from_main
+from .distributed import decided_on_main
 from .errors import ConfigError, DataError
 from .run_dir import BEST, CONFIG, FOLDS, STUDY_PLAN, SUMMARY, TEST_DATA, TEST_JSON, TEST_REPORT, TRAIN_DATA
 from .sources import Sample
@@ -242,16 +242,7 @@ def run_fold(cfg: Config, plan: StudyPlan, study_dir: Path, fold: int) -> dict[s
 
 
 def _plan_on_main(cfg: Config, is_main: bool) -> StudyPlan:
-    result: StudyPlan | Exception | None = None
-    if is_main:
-        try:
-            result = plan_study(cfg)
-        except Exception as error:  # re-raised on every rank below
-            result = error
-    result = broadcast_from_main(result)
-    if isinstance(result, Exception):
-        raise result
-    return result
+    return decided_on_main(lambda: plan_study(cfg), is_main)
 
 
 @contextmanager

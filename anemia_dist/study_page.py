@@ -6,7 +6,6 @@ where they exist; the page is built like :mod:`anemia_dist.report`'s.
 
 from __future__ import annotations
 
-import base64
 import html
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,7 +16,7 @@ from sklearn.metrics import precision_recall_curve, roc_curve
 
 from .figures import _pyplot, plot_confusion, plot_reliability
 from .metrics import Predictions
-from .report import STYLE
+from .report import figure_grid, figure_html, write_page
 from .run_dir import CONFUSION, FOREST, PRECISION_RECALL, RELIABILITY, REPORT, ROC, STUDY_PAGE
 
 SHOWN = ("auroc", "sensitivity", "specificity", "ppv", "npv", "accuracy", "auprc", "brier", "ece")
@@ -147,13 +146,6 @@ def _sections(study: dict[str, Any]) -> list[str]:
     return sections
 
 
-def _figure(directory: Path, name: str) -> str:
-    encoded = base64.b64encode((directory / name).read_bytes()).decode("ascii")
-    caption = html.escape(CAPTIONS[name])
-    image = f'<img src="data:image/png;base64,{encoded}" alt="{caption}">'
-    return f"<figure>{image}<figcaption>{caption}</figcaption></figure>"
-
-
 def write_study_page(study_dir: Path, study: dict[str, Any], oof, truth: np.ndarray, score: np.ndarray) -> Path:
     """The figures and ``report/study.html`` in the study directory; returns the page."""
     directory = Path(study_dir) / REPORT
@@ -172,20 +164,13 @@ def write_study_page(study_dir: Path, study: dict[str, Any], oof, truth: np.ndar
     plot_confusion(result, directory / CONFUSION)
     plot_reliability(Predictions(truth, score, np.zeros(len(truth))), result, directory / RELIABILITY, None)
     title = f"Study {study['study']}: {study['folds_done']} of {study['folds_planned']} folds ({study['by']})"
-    figures = "".join(_figure(directory, name) for name in (ROC, PRECISION_RECALL, CONFUSION, RELIABILITY))
     body = [
         f"<h1>{html.escape(title)}</h1>",
         f"<p>{html.escape(study['interval_method'])}; {study['confidence_level']:.0%} intervals, "
         f"{study['bootstrap_resamples']} resamples. Each fold's threshold, temperature, early stopping and "
         f"scheduler used a validation split of its training folds only; its test fold was seen once, here.</p>",
         *_sections(study),
-        '<h2>Figures</h2><div class="figures">' + figures + "</div>",
-        f'<div class="wide">{_figure(directory, FOREST)}</div>',
+        figure_grid(directory, (ROC, PRECISION_RECALL, CONFUSION, RELIABILITY), CAPTIONS),
+        f'<div class="wide">{figure_html(directory, FOREST, CAPTIONS[FOREST])}</div>',
     ]
-    page = (
-        f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-        f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>\n"
-    )
-    path = directory / STUDY_PAGE
-    path.write_text(page)
-    return path
+    return write_page(directory / STUDY_PAGE, title, body)
