@@ -57,19 +57,25 @@ def cmd_study(args: argparse.Namespace) -> int:
     return status
 
 
+KEYS = {"MAE": "mae", "CCC": "lin_ccc", "AUROC": "auroc"}
+"""The summary's metric names, as study.json spells them."""
+
+
 def study_summary(study: dict) -> str:
     """The pooled numbers in three lines, and where the rest is."""
     pooled, spread = study["pooled"], study["across_folds"]
 
     def shown(name: str) -> str:
-        ci = pooled["ci"][name]
-        value = "undefined" if pooled[name] is None else f"{pooled[name]:.3f}"
-        return value + ("" if ci["low"] is None else f" ({ci['low']:.3f}-{ci['high']:.3f})")
+        entry = pooled["agreement"][name] if regress else {"value": pooled[name], **pooled["ci"][name]}
+        value = "undefined" if entry["value"] is None else f"{entry['value']:.3f}"
+        return value + ("" if entry["low"] is None else f" ({entry['low']:.3f}-{entry['high']:.3f})")
 
+    regress = "agreement" in pooled  # model.task=regress: the pooled predicted Hb
+    names = ("MAE", "bias", "CCC") if regress else ("AUROC", "sensitivity", "specificity")
     sd = ", ".join(f"{k} {v['mean']:.3f} ± {(v['sd'] or 0.0):.3f}" for k, v in spread.items() if v["mean"] is not None)
     return (
         f"study {study['study']}: {study['folds_done']} of {study['folds_planned']} folds, {pooled['n']} images\n"
-        f"  pooled AUROC {shown('auroc')}, sensitivity {shown('sensitivity')}, specificity {shown('specificity')}\n"
+        f"  pooled {', '.join(f'{name} {shown(KEYS.get(name, name))}' for name in names)}\n"
         f"  across folds: {sd}\n  report: {study['report']}"
     )
 

@@ -131,8 +131,8 @@ def _cell(entry: dict[str, Any]) -> str:
     return f"<td>{shown}</td><td>{interval}</td>"
 
 
-def write_hb_page(directory: Path, title: str, result: dict[str, Any], notes: Sequence[str]) -> Path:
-    """``report.html``: the facts, the agreement and per-threshold tables, the notes and the figures."""
+def hb_tables(result: dict[str, Any]) -> list[str]:
+    """The agreement table and the per-threshold screening table of an Hb record, as HTML."""
     agreement = "".join(
         f"<tr><td>{label}</td>{_cell(result['agreement'][name])}</tr>" for name, label in AGREEMENT_LABELS.items()
     )
@@ -143,12 +143,19 @@ def write_hb_page(directory: Path, title: str, result: dict[str, Any], notes: Se
         for name, entry in result["thresholds"].items()
     )
     header = "<th>95% CI</th>"
-    body = [
-        f"<h1>{html.escape(title)}</h1>",
-        f"<p>{result['n']} images, {result['n_patients'] or result['n']} patients (resampled together).</p>",
+    return [
         f"<table><tr><th>agreement</th><th>value</th>{header}</tr>{agreement}</table>",
         "<table><tr><th>threshold</th><th>measured below</th><th>AUROC</th>"
         f"{header}<th>sensitivity</th>{header}<th>specificity</th>{header}</tr>{screening}</table>",
+    ]
+
+
+def write_hb_page(directory: Path, title: str, result: dict[str, Any], notes: Sequence[str]) -> Path:
+    """``report.html``: the facts, the agreement and per-threshold tables, the notes and the figures."""
+    body = [
+        f"<h1>{html.escape(title)}</h1>",
+        f"<p>{result['n']} images, {result['n_patients'] or result['n']} patients (resampled together).</p>",
+        *hb_tables(result),
         "<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(note)}</li>" for note in notes) + "</ul>",
         figure_grid(directory, list(HB_FIGURES), HB_FIGURES),
     ]

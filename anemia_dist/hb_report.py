@@ -38,6 +38,11 @@ RULE = "row threshold"
 """The name of the per-row threshold (data.threshold/threshold_column/threshold_rules) in reports."""
 
 
+def named_thresholds(row_thresholds: np.ndarray, cut_offs: Sequence[float]) -> dict[str, np.ndarray]:
+    """Each row's own threshold (the data's rule) and every fixed cut-off of eval.hb_thresholds, by name."""
+    return {RULE: row_thresholds} | {f"{cut:g} g/dL": np.full(len(row_thresholds), cut) for cut in cut_offs}
+
+
 def hb_record(
     samples: Sequence[Sample], predicted: np.ndarray, point: HbPoint, cut_offs: Sequence[float], resamples: int
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -45,8 +50,7 @@ def hb_record(
     patients); also the thresholds used, by name."""
     measured = np.array([s.value for s in samples], dtype=np.float64)
     groups = [s.group for s in samples]
-    thresholds = {RULE: np.array([s.threshold for s in samples], dtype=np.float64)}
-    thresholds |= {f"{cut:g} g/dL": np.full(len(samples), cut) for cut in cut_offs}
+    thresholds = named_thresholds(np.array([s.threshold for s in samples], dtype=np.float64), cut_offs)
     low, high = predicted - point.radius, predicted + point.radius
     record = {
         "task": REGRESS,

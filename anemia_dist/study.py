@@ -38,7 +38,8 @@ from .distributed import decided_on_main
 from .errors import ConfigError, DataError
 from .run_dir import BEST, CONFIG, FOLDS, STUDY_PLAN, SUMMARY, TEST_DATA, TEST_JSON, TEST_REPORT, TRAIN_DATA
 from .sources import Sample
-from .splits import _exclusions, assign_units
+from .splits import MEASURE_COLUMN, THRESHOLD_COLUMN, _exclusions, assign_units
+from .tasks import REGRESS
 
 logger = get_logger(__name__)
 
@@ -47,6 +48,8 @@ FORK_LAUNCHED = "FORK_LAUNCHED"
 
 FOLD_COLUMNS = ["path", "label", "group", "site", "unit", "fold"]
 """The columns of ``folds.csv``; a fold's manifests hold the first four."""
+HB_COLUMNS = [MEASURE_COLUMN, THRESHOLD_COLUMN]
+"""model.task=regress: ``folds.csv`` and every fold's manifests also hold each image's Hb and threshold."""
 
 
 @dataclass
@@ -128,8 +131,10 @@ def plan_study(cfg: Config) -> StudyPlan:
     if not kept:
         raise DataError("every file was excluded; see the audit (anemia-dist audit-data)")
     fold_of, names = _test_folds(kept, cfg)
+    regress = cfg.model.task == REGRESS
     rows = [
         {"path": s.path, "label": classes[s.label], "group": s.group, "site": s.site, "unit": s.unit, "fold": str(k)}
+        | ({MEASURE_COLUMN: repr(s.value), THRESHOLD_COLUMN: repr(s.threshold)} if regress else {})
         for s, k in zip(kept, fold_of, strict=True)
     ]
     flow = {
@@ -161,7 +166,8 @@ def _csv_text(rows: list[dict[str, str]], columns: list[str]) -> str:
 
 def write_plan(study_dir: Path, cfg: Config, plan: StudyPlan) -> None:
     """The plan and every fold's manifests; a rerun must find the plan it made before (same data, seed)."""
-    folds_text = _csv_text(plan.rows, FOLD_COLUMNS)
+    hb = HB_COLUMNS if plan.rows and MEASURE_COLUMN in plan.rows[0] else []
+    folds_text = _csv_text(plan.rows, FOLD_COLUMNS + hb)
     existing = Path(study_dir) / FOLDS
     if existing.is_file() and existing.read_text() != folds_text:
         raise DataError(
@@ -175,8 +181,8 @@ def write_plan(study_dir: Path, cfg: Config, plan: StudyPlan) -> None:
     for fold in range(len(plan.names)):
         train = [row for row in plan.rows if row["fold"] != str(fold)]
         test = [row for row in plan.rows if row["fold"] == str(fold)]
-        _write_atomic(fold_dir(study_dir, fold) / TRAIN_DATA, _csv_text(train, manifest_columns))
-        _write_atomic(fold_dir(study_dir, fold) / TEST_DATA, _csv_text(test, FOLD_COLUMNS[:5]))
+        _write_atomic(fold_dir(study_dir, fold) / TRAIN_DATA, _csv_text(train, manifest_columns + hb))
+        _write_atomic(fold_dir(study_dir, fold) / TEST_DATA, _csv_text(test, FOLD_COLUMNS[:5] + hb))
 
 
 # --------------------------------------------------------------------------- one fold
@@ -193,6 +199,7 @@ def inner_by_site(cfg: Config, plan: StudyPlan, fold: int) -> bool:
 def fold_config(cfg: Config, plan: StudyPlan, study_dir: Path, fold: int) -> Config:
     """An ordinary training config on the fold's training manifest, resuming its own run directory."""
     fold_cfg = copy.deepcopy(cfg)
+    regress = cfg.model.task == REGRESS  # the Hb and each row's threshold, as the plan wrote them
     fold_cfg.data = dataclasses.replace(
         cfg.data,
         root=None,
@@ -202,9 +209,9 @@ def fold_config(cfg: Config, plan: StudyPlan, study_dir: Path, fold: int) -> Con
         label_column="label",
         group_column="group",
         site_column="site" if inner_by_site(cfg, plan, fold) else None,
-        measure_column=None,
+        measure_column=MEASURE_COLUMN if regress else None,
         threshold=None,
-        threshold_column=None,
+        threshold_column=THRESHOLD_COLUMN if regress else None,
         threshold_rules=[],
         duplicates="keep",  # the plan has applied data.duplicates already
     )
@@ -217,7 +224,9 @@ def fold_config(cfg: Config, plan: StudyPlan, study_dir: Path, fold: int) -> Con
 
 
 def run_fold(cfg: Config, plan: StudyPlan, study_dir: Path, fold: int) -> dict[str, Any] | None:
-    """Train the fold (or finish its training), then score its best model on its test fold."""
+    """Train the fold (or finish its training), then score its best model on its test fold (a regression
+    model with :func:`~anemia_dist.hb_evaluation.evaluate_hb`: agreement, thresholds, intervals)."""
+    from .hb_evaluation import evaluate_hb
     from .inference import evaluate
     from .trainer import train
 
@@ -230,6 +239,15 @@ def run_fold(cfg: Config, plan: StudyPlan, study_dir: Path, fold: int) -> dict[s
         f"data.num_workers={cfg.data.num_workers}",
         f"eval.bootstrap={cfg.eval.bootstrap}",
     ]
+    if cfg.model.task == REGRESS:
+        return evaluate_hb(
+            directory / BEST,
+            directory / TEST_DATA,
+            overrides,
+            batch_size=cfg.train.batch_size,
+            out=directory / TEST_JSON,
+            report_dir=directory / TEST_REPORT,
+        )
     return evaluate(
         directory / BEST,
         directory / TEST_DATA,

@@ -33,6 +33,8 @@ from .metrics import (
 )
 from .run_dir import CONFIG, FOLDS, OOF_PREDICTIONS, PREDICTIONS, STUDY_JSON, STUDY_PLAN, TEST_JSON, TEST_REPORT
 from .sources import _holds, read_manifest
+from .study_hb import HB_ACROSS_FOLDS, HB_OOF_COLUMNS, hb_study, write_hb_study_page
+from .tasks import REGRESS
 
 RANKING = ("loss", "auroc", "auprc", "brier", "ece")
 """Metrics of the probabilities; the others are of the decisions (each fold's own threshold)."""
@@ -111,10 +113,10 @@ def pooled_metrics(
 # --------------------------------------------------------------------------- across folds and sites
 
 
-def across_folds(folds: Sequence[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
-    """Mean and sample SD of each fold's test AUROC, sensitivity and specificity."""
+def across_folds(folds: Sequence[dict[str, Any]], names: Sequence[str] = ACROSS_FOLDS) -> dict[str, dict[str, Any]]:
+    """Mean and sample SD of each fold's test AUROC, sensitivity and specificity (or the ``names`` given)."""
     out = {}
-    for name in ACROSS_FOLDS:
+    for name in names:
         values = np.array([f[name] for f in folds if f.get(name) is not None], dtype=float)
         out[name] = {
             "mean": float(values.mean()) if len(values) else None,
@@ -252,9 +254,9 @@ def read_oof(study_dir: Path, plan_rows: Sequence[dict[str, str]], names: Sequen
     return oof, folds
 
 
-def write_oof(path: Path, rows: Sequence[dict[str, str]]) -> None:
+def write_oof(path: Path, rows: Sequence[dict[str, str]], columns: Sequence[str] = OOF_COLUMNS) -> None:
     with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=OOF_COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
 
@@ -266,6 +268,7 @@ def record_in_trackers(cfg: Config, study_dir: Path, study: dict[str, Any]) -> N
     pooled_cfg.run = dataclasses.replace(cfg.run, output_dir=str(study_dir.parent), name=study_dir.name)
     pooled_cfg.tracking = dataclasses.replace(cfg.tracking, group=name, run_name=f"{name}/pooled")
     values = {f"pooled/{k}": v for k, v in study["pooled"].items() if isinstance(v, (int, float))}
+    values |= {f"pooled/{k}": v["value"] for k, v in study["pooled"].get("agreement", {}).items()}  # regression
     values |= {f"across_folds/{k}/{s}": v for k, d in study["across_folds"].items() for s, v in d.items()}
     values |= {"folds_done": study["folds_done"], "folds_planned": study["folds_planned"]}
     tracking.record_summary_run(pooled_cfg, values)
@@ -284,6 +287,8 @@ def pool_study(study_dir: Path, cfg: Config | None = None) -> dict[str, Any]:
     oof, folds = read_oof(study_dir, read_folds(study_dir), plan["names"])
     if not folds:
         raise DataError(f"{study_dir}: no fold is done yet (no fold-K/{TEST_JSON}); run `anemia-dist study` first")
+    if folds[0].get("task") == REGRESS:
+        return pool_hb_study(study_dir, cfg, plan, oof, folds)
     write_oof(study_dir / OOF_PREDICTIONS, oof)
     positive = folds[0]["positive_class"]
     truth = np.array([row["label"] == positive for row in oof])
@@ -321,4 +326,32 @@ def pool_study(study_dir: Path, cfg: Config | None = None) -> dict[str, Any]:
     (study_dir / STUDY_JSON).write_text(json.dumps(study, indent=2) + "\n")
     record_in_trackers(cfg, study_dir, study)
     study["report"] = str(write_study_page(study_dir, study, oof, truth, score))
+    return study
+
+
+def pool_hb_study(
+    study_dir: Path, cfg: Config, plan: dict[str, Any], oof: list[dict[str, str]], folds: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """A regression study's ``oof_predictions.csv``, ``study.json`` and page: the pooled predicted Hb."""
+    write_oof(study_dir / OOF_PREDICTIONS, oof, HB_OOF_COLUMNS)
+    pooled, per_fold, arrays = hb_study(oof, folds, cfg.eval.hb_thresholds, cfg.eval.bootstrap)
+    study = {
+        "study": cfg.run.name or study_dir.name,
+        "task": REGRESS,
+        "by": plan["by"],
+        "folds_planned": len(plan["names"]),
+        "folds_done": len(folds),
+        "flow": plan["flow"],
+        "pooled": pooled,
+        "across_folds": across_folds(per_fold, HB_ACROSS_FOLDS),
+        "folds": per_fold,
+        "confidence_level": CONFIDENCE,
+        "bootstrap_resamples": cfg.eval.bootstrap,
+        "interval_method": "percentile bootstrap over split units (patients merged with their copies)",
+        "bias_definition": "predicted − measured, g/dL",
+    }
+    study = json_ready(study)
+    (study_dir / STUDY_JSON).write_text(json.dumps(study, indent=2) + "\n")
+    record_in_trackers(cfg, study_dir, study)
+    study["report"] = str(write_hb_study_page(study_dir, study, arrays))
     return study

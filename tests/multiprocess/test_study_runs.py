@@ -1,6 +1,6 @@
 """``anemia-dist study`` for real, with a tiny model: a 3-fold study finishes and pools every image once;
 a study stopped after one fold continues without retraining it; the test fold cannot reach the fold's
-decisions; a leave-one-site-out study runs on 2 ranks."""
+decisions; a leave-one-site-out study runs on 2 ranks; a regression study pools out-of-fold Hb."""
 
 from __future__ import annotations
 
@@ -10,16 +10,21 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import TINY, check, launch, make_manifest, run_cli, write_csv, write_image
 from wandb_records import read_records, summary
 
+from anemia_dist.demo import make_synthetic_dataset
 from anemia_dist.run_dir import BEST, FOLDS, META, METRICS, OOF_PREDICTIONS, REPORT, STUDY_JSON, STUDY_PAGE, TEST_JSON
 
 pytestmark = pytest.mark.multiprocess
 
 FAST = [*TINY, "train.epochs=2", "unfreeze.head_only_epochs=1", "eval.bootstrap=200", "optim.lr=0.003"]
 FAST += ["data.val_fraction=0.34"]  # 3 inner folds: the tiny data has few patients
+
+
+FOLD_TAIL = ["group", "site", "fold"]
 
 
 def read(path: Path) -> list[dict[str, str]]:
@@ -135,3 +140,27 @@ def test_cp_anemic_study_with_a_tiny_model_pools_every_image_once(cp_anemic, tmp
     for row in result["subgroups"]:
         by_subgroup[row["subgroup"]] += row["n"]
     assert by_subgroup == {"GENDER": 615, "Age(Months) < 24": 615}
+
+
+def test_regression_study_pools_every_images_out_of_fold_hb(tmp_path):
+    """model.task=regress: each fold's test fold is scored as Hb; study.json pools the predicted Hb."""
+    manifest = make_synthetic_dataset(tmp_path / "data", patients=16, images_per_patient=2, size=40, seed=0)
+    args = [*FAST, "train.epochs=1", f"data.manifest={manifest}", f"run.output_dir={tmp_path}", "run.name=hb2"]
+    args += ["model.task=regress", "data.measure_column=hb", "data.threshold=12", "data.group_column=group"]
+    args += ["data.near_copy_threshold=null", "study.folds=2", "eval.hb_thresholds=[9]"]
+    result = check(run_cli("study", *args))
+    assert "pooled MAE" in result.stdout
+    study_dir = tmp_path / "hb2"
+    oof = read(study_dir / OOF_PREDICTIONS)
+    assert list(oof[0]) == ["path", "measured", "hb", "hb_low", "hb_high", "threshold", "anemic", *FOLD_TAIL]
+    assert len(oof) == 32 and len({r["path"] for r in oof}) == 32 and {r["fold"] for r in oof} == {"0", "1"}
+    with manifest.open() as handle:
+        hb = {str((manifest.parent / r["path"]).resolve()): float(r["hb"]) for r in csv.DictReader(handle)}
+    assert all(float(r["measured"]) == pytest.approx(hb[r["path"]]) for r in oof)  # the lab value, not a label
+    pooled = json.loads((study_dir / STUDY_JSON).read_text())
+    measured, predicted = (np.array([float(r[k]) for r in oof]) for k in ("measured", "hb"))
+    assert pooled["task"] == "regress" and pooled["pooled"]["n"] == 32 and len(pooled["folds"]) == 2
+    assert pooled["pooled"]["agreement"]["mae"]["value"] == pytest.approx(np.abs(predicted - measured).mean())
+    assert set(pooled["pooled"]["thresholds"]) == {"row threshold", "9 g/dL"}
+    assert pooled["across_folds"]["mae"]["folds"] == 2
+    assert (study_dir / REPORT / STUDY_PAGE).is_file() and (study_dir / REPORT / "bland_altman.png").is_file()
