@@ -5,7 +5,8 @@ Each image's Hb was predicted by the model of the fold that held it out, recalib
 conformal interval by that fold's validation split. Pooled over them: MAE, RMSE, bias, Bland–Altman
 limits, Pearson r and Lin's concordance, and per threshold (each row's own, and eval.hb_thresholds)
 AUROC, sensitivity and specificity, each with a 95 % bootstrap interval over split units (patients
-merged with their copies); the empirical coverage of the intervals; and each fold's own numbers.
+merged with their copies); the empirical coverage of the intervals; each fold's own numbers; and
+MAE, bias and concordance per study.subgroups value.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ HB_OOF_COLUMNS = ["path", "measured", "hb", "hb_low", "hb_high", "threshold", "a
 """The columns of a regression study's ``oof_predictions.csv``."""
 HB_ACROSS_FOLDS = ("mae", "rmse", "bias", "lin_ccc")
 """The per-fold agreement statistics summarised as mean ± SD across folds."""
+SHOWN = ("mae", "bias", "lin_ccc")
+"""The agreement statistics of the subgroup table."""
 
 
 def _column(rows: Sequence[dict[str, str]], name: str) -> np.ndarray:
@@ -75,13 +78,43 @@ def hb_fold_row(fold: dict[str, Any]) -> dict[str, Any]:
 
 
 def hb_study(oof: Sequence[dict[str, str]], folds: Sequence[dict[str, Any]], cut_offs: Sequence[float], resamples: int):
-    """The pooled record and the per-fold rows of a regression study; also the arrays its page plots."""
+    """The pooled record and the per-fold rows of a regression study; also the arrays its page plots
+    (measured, predicted, thresholds by name)."""
     measured, predicted = _column(oof, "measured"), _column(oof, "hb")
     thresholds = named_thresholds(_column(oof, "threshold"), cut_offs)
     units = [row["unit"] for row in oof]
     bounds = (_column(oof, "hb_low"), _column(oof, "hb_high"))
     pooled = pooled_hb(measured, predicted, bounds, thresholds, units, resamples)
     return pooled, [hb_fold_row(f) for f in folds], (measured, predicted, thresholds)
+
+
+def hb_subgroups(
+    labels: dict[str, list[str | None]], arrays: tuple, units: Sequence[str], resamples: int
+) -> list[dict[str, Any]]:
+    """Per study.subgroups value: n, MAE, bias and Lin's CCC of the pooled predicted Hb, with intervals."""
+    measured, predicted, _ = arrays
+    table = []
+    for spec, values in labels.items():
+        for value in sorted({v for v in values if v is not None}):
+            keep = np.array([v == value for v in values])
+            kept_units = [u for u, k in zip(units, keep, strict=True) if k]
+            result = agreement(measured[keep], predicted[keep], kept_units, resamples)
+            entry = {"subgroup": spec, "value": value, "n": int(keep.sum())}
+            table.append(entry | {name: result[name] for name in ("mae", "bias", "lin_ccc")})
+    return table
+
+
+def _subgroup_table(study: dict[str, Any]) -> str:
+    if not study["subgroups"]:
+        return ""
+    rows = "".join(
+        f"<tr><td>{html.escape(g['subgroup'])}</td><td>{html.escape(g['value'])}</td><td>{g['n']}</td>"
+        + "".join(f"<td>{g[n]['value']:.3f} ({g[n]['low']:.3f} – {g[n]['high']:.3f})</td>" for n in SHOWN)
+        + "</tr>"
+        for g in study["subgroups"]
+    )
+    head = "".join(f"<th>{name}</th>" for name in ("subgroup", "value", "n", *SHOWN))
+    return f"<h2>Subgroups</h2><table><tr>{head}</tr>{rows}</table>"
 
 
 def _fold_table(study: dict[str, Any]) -> str:
@@ -123,6 +156,7 @@ def write_hb_study_page(study_dir: Path, study: dict[str, Any], arrays: tuple) -
         f"<p>Per-image intervals: {covered} ({interval['n']} images), mean width "
         f"{interval['mean_width'] or float('nan'):.3f} g/dL.</p>",
         _fold_table(study),
+        _subgroup_table(study),
         figure_grid(directory, (BLAND_ALTMAN, HB_SCATTER, HB_ROC), HB_FIGURES),
     ]
     return write_page(directory / STUDY_PAGE, title, body)

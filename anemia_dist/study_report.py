@@ -33,7 +33,7 @@ from .metrics import (
 )
 from .run_dir import CONFIG, FOLDS, OOF_PREDICTIONS, PREDICTIONS, STUDY_JSON, STUDY_PLAN, TEST_JSON, TEST_REPORT
 from .sources import _holds, read_manifest
-from .study_hb import HB_ACROSS_FOLDS, HB_OOF_COLUMNS, hb_study, write_hb_study_page
+from .study_hb import HB_ACROSS_FOLDS, HB_OOF_COLUMNS, hb_study, hb_subgroups, write_hb_study_page
 from .tasks import REGRESS
 
 RANKING = ("loss", "auroc", "auprc", "brier", "ece")
@@ -350,6 +350,8 @@ def pool_hb_study(
         "interval_method": "percentile bootstrap over split units (patients merged with their copies)",
         "bias_definition": "predicted − measured, g/dL",
     }
+    labels = subgroup_labels(cfg, [row["path"] for row in oof])
+    study["subgroups"] = hb_subgroups(labels, arrays, [row["unit"] for row in oof], cfg.eval.bootstrap)
     study = json_ready(study)
     (study_dir / STUDY_JSON).write_text(json.dumps(study, indent=2) + "\n")
     record_in_trackers(cfg, study_dir, study)

@@ -145,9 +145,10 @@ def test_cp_anemic_study_with_a_tiny_model_pools_every_image_once(cp_anemic, tmp
 def test_regression_study_pools_every_images_out_of_fold_hb(tmp_path):
     """model.task=regress: each fold's test fold is scored as Hb; study.json pools the predicted Hb."""
     manifest = make_synthetic_dataset(tmp_path / "data", patients=16, images_per_patient=2, size=40, seed=0)
+    write_csv(manifest, [{**row, "sex": "F" if int(row["group"][-1]) % 2 else "M"} for row in read(manifest)])
     args = [*FAST, "train.epochs=1", f"data.manifest={manifest}", f"run.output_dir={tmp_path}", "run.name=hb2"]
     args += ["model.task=regress", "data.measure_column=hb", "data.threshold=12", "data.group_column=group"]
-    args += ["data.near_copy_threshold=null", "study.folds=2", "eval.hb_thresholds=[9]"]
+    args += ["data.near_copy_threshold=null", "study.folds=2", "eval.hb_thresholds=[9]", "study.subgroups=[sex]"]
     result = check(run_cli("study", *args))
     assert "pooled MAE" in result.stdout
     study_dir = tmp_path / "hb2"
@@ -163,4 +164,5 @@ def test_regression_study_pools_every_images_out_of_fold_hb(tmp_path):
     assert pooled["pooled"]["agreement"]["mae"]["value"] == pytest.approx(np.abs(predicted - measured).mean())
     assert set(pooled["pooled"]["thresholds"]) == {"row threshold", "9 g/dL"}
     assert pooled["across_folds"]["mae"]["folds"] == 2
+    assert sum(g["n"] for g in pooled["subgroups"]) == 32 and {g["value"] for g in pooled["subgroups"]} == {"F", "M"}
     assert (study_dir / REPORT / STUDY_PAGE).is_file() and (study_dir / REPORT / "bland_altman.png").is_file()

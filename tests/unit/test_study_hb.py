@@ -27,6 +27,7 @@ from anemia_dist.run_dir import (
     TRAIN_DATA,
 )
 from anemia_dist.study import fold_config, fold_dir, plan_study, write_plan
+from anemia_dist.study_hb import hb_subgroups
 from anemia_dist.study_report import pool_study
 
 HB = ["model.task=regress", "data.measure_column=hb", "data.threshold=12", "data.group_column=group"]
@@ -142,3 +143,16 @@ def test_pooled_hb_equals_a_direct_computation_on_the_concatenated_out_of_fold_r
     assert all((study_dir / REPORT / name).is_file() for name in ("bland_altman.png", "hb_scatter.png"))
     images = agreement(measured, predicted, None, 300)["mae"]  # negative control: units do matter
     assert (images["high"] - images["low"]) < (pooled["agreement"]["mae"]["high"] - pooled["agreement"]["mae"]["low"])
+
+
+def test_hb_subgroups_equal_agreement_on_each_subgroups_rows():
+    rng = np.random.default_rng(1)
+    measured = rng.normal(12, 2, 60)
+    predicted = measured + rng.normal(0, 1, 60) + np.where(np.arange(60) < 30, 0.0, 1.0)  # one sex biased
+    units = [f"p{i // 2}" for i in range(60)]
+    labels = {"sex": ["F"] * 30 + ["M"] * 29 + [None]}  # the last image is not in the manifest
+    table = hb_subgroups(labels, (measured, predicted, {}), units, 200)
+    assert [(g["value"], g["n"]) for g in table] == [("F", 30), ("M", 29)]
+    direct = agreement(measured[30:59], predicted[30:59], units[30:59], 200)
+    assert table[1]["bias"] == pytest.approx(direct["bias"], rel=1e-9)
+    assert table[1]["bias"]["value"] - table[0]["bias"]["value"] > 0.5  # the biased subgroup stands out
