@@ -74,6 +74,8 @@ def hb_fold_row(fold: dict[str, Any]) -> dict[str, Any]:
     row |= {name: fold["agreement"][name]["value"] for name in HB_ACROSS_FOLDS}
     row["ci"] = {name: {k: fold["agreement"][name][k] for k in ("low", "high")} for name in HB_ACROSS_FOLDS}
     interval = fold["interval"]
+    if interval.get("radius") is None:  # validation too small for the target: no intervals, nothing covered
+        interval = {**interval, "coverage": None, "mean_width": None}
     return row | {k: interval.get(k) for k in ("target", "radius", "coverage", "mean_width")}
 
 
@@ -145,7 +147,11 @@ def write_hb_study_page(study_dir: Path, study: dict[str, Any], arrays: tuple) -
     plot_hb_scatter(measured, predicted, cut_offs, pooled, directory / HB_SCATTER)
     plot_hb_roc(measured, predicted, thresholds, pooled, directory / HB_ROC)
     interval = pooled["interval"]
-    covered = "no intervals" if interval["coverage"] is None else f"{interval['coverage']:.1%} covered"
+    covered = (
+        "none: each fold's validation split was too small for the target coverage"
+        if interval["coverage"] is None
+        else f"{interval['coverage']:.1%} of {interval['n']} covered, mean width {interval['mean_width']:.3f} g/dL"
+    )
     title = f"Study {study['study']}: {study['folds_done']} of {study['folds_planned']} folds, haemoglobin"
     body = [
         f"<h1>{html.escape(title)}</h1>",
@@ -153,8 +159,7 @@ def write_hb_study_page(study_dir: Path, study: dict[str, Any], arrays: tuple) -
         f"{study['confidence_level']:.0%} intervals, {study['bootstrap_resamples']} resamples. Each fold's scale, "
         f"recalibration and interval radius came from a validation split of its training folds only.</p>",
         *hb_tables(pooled),
-        f"<p>Per-image intervals: {covered} ({interval['n']} images), mean width "
-        f"{interval['mean_width'] or float('nan'):.3f} g/dL.</p>",
+        f"<p>Per-image prediction intervals: {html.escape(covered)}.</p>",
         _fold_table(study),
         _subgroup_table(study),
         figure_grid(directory, (BLAND_ALTMAN, HB_SCATTER, HB_ROC), HB_FIGURES),
