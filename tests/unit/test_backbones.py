@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from anemia_dist import backbones
-from anemia_dist.config import ModelConfig, load_config
+from anemia_dist.config import ModelConfig, load_config, timm_pretrained_cfg
 from anemia_dist.errors import ConfigError, WeightsError
 from anemia_dist.inference import model_inputs
 from anemia_dist.model import (
@@ -132,7 +132,7 @@ def fake_hub_cache(tmp_path, monkeypatch, arch: str) -> torch.nn.Module:
     """The Hugging Face hub cache layout hf_hub_download leaves, holding a random model's weights."""
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     reference = timm.create_model(backbones.timm_name(arch))
-    repo = backbones.pretrained_cfg(arch)["hf_hub_id"]
+    repo = timm_pretrained_cfg(arch)["hf_hub_id"]
     folder = tmp_path / f"models--{repo.replace('/', '--')}"
     (folder / "refs").mkdir(parents=True)
     (folder / "refs" / "main").write_text("0123abc")
