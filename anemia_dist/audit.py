@@ -33,7 +33,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from . import near_copies
-from .config import DataConfig, review_path
+from .config import DEFAULT_INPUT_SIZE, DataConfig, review_path
 from .images import ColourError, decode_rgb, describe_profile, embedded_profile, working_size
 from .run_dir import AUDIT_CSV, AUDIT_JSON, EXCLUDED
 from .sources import Sample, class_name, load_samples
@@ -385,7 +385,8 @@ def audit_samples(
 ) -> AuditReport:
     """Check every sample's file (in threads: decoding releases the GIL) and group the duplicates
     as ``cfg`` says. ``reviewed``: pairs of file names (or stems, or paths) known to be copies."""
-    decode_side, near_copy_threshold = working_size(cfg.image_size), cfg.near_copy_threshold
+    side = DEFAULT_INPUT_SIZE if cfg.image_size is None else cfg.image_size  # None: a DataConfig outside a Config
+    decode_side, near_copy_threshold = working_size(side), cfg.near_copy_threshold
     started = time.perf_counter()
     paths = [s.path for s in samples]
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:

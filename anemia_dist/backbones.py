@@ -15,11 +15,11 @@ from pathlib import Path
 import timm
 import torch
 from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
-from timm.models import get_pretrained_cfg, group_parameters
+from timm.models import group_parameters
 from torch import nn
 
-from .config import TIMM_PREFIX
-from .errors import ConfigError, WeightsError
+from .config import timm_name, timm_pretrained_cfg
+from .errors import WeightsError
 
 STEM = "stem"
 WEIGHT_FILES = (constants.SAFETENSORS_SINGLE_FILE, constants.PYTORCH_WEIGHTS_NAME)
@@ -38,23 +38,9 @@ class TimmClassifier(nn.Module):
         return self.fc(self.backbone(images))
 
 
-def timm_name(arch: str) -> str:
-    return arch[len(TIMM_PREFIX) :]
-
-
-def pretrained_cfg(arch: str) -> dict:
-    """timm's pretrained config of ``timm:<name>`` (mean, std, input size, hub repository)."""
-    name = timm_name(arch)
-    if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('.')[0][:8]}*")[:8]
-        raise ConfigError(f"model.arch: timm has no model {name!r}; similar names: {close or 'none'}")
-    cfg = get_pretrained_cfg(name)
-    return cfg.to_dict() if cfg is not None else {}
-
-
 def _hub_weights(arch: str) -> tuple[str, str | None]:
     """(hub repository, cached weights file or None)."""
-    repo = pretrained_cfg(arch).get("hf_hub_id")
+    repo = timm_pretrained_cfg(arch).get("hf_hub_id")
     if not repo:
         raise WeightsError(f"{arch}: timm has no Hugging Face hub weights for it; use model.weights=PATH or none")
     for filename in WEIGHT_FILES:
@@ -84,7 +70,7 @@ def fetch_timm_weights(arch: str) -> Path:
 def build_timm(arch: str, pretrained: bool, image_size: int | None) -> nn.Module:
     """The backbone with its classifier removed (``num_classes=0``: pooled features out)."""
     name, kwargs = timm_name(arch), {"num_classes": 0}
-    cfg = pretrained_cfg(arch)
+    cfg = timm_pretrained_cfg(arch)
     if pretrained:
         repo, path = _hub_weights(arch)
         if path is None:

@@ -187,7 +187,7 @@ def bench_config(args: argparse.Namespace) -> Config:
         [
             f"model.arch={args.arch}",
             "model.weights=none",
-            f"data.image_size={args.image_size}",
+            f"data.image_size={'null' if args.image_size is None else args.image_size}",
             f"train.batch_size={args.batch_size}",
             f"train.compile={'true' if args.compile else 'false'}",
         ],

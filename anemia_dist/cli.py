@@ -314,7 +314,9 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--data", help="folder of images to use (searched recursively); default: generated JPEGs")
     bench.add_argument("--output", default="bench.json", help="where to write the JSON results")
     bench.add_argument("--arch", default=ModelConfig.arch, help=f"{', '.join(ARCHS)} or timm:<name>")
-    bench.add_argument("--image-size", type=int, default=DataConfig.image_size)
+    bench.add_argument(
+        "--image-size", type=int, default=DataConfig.image_size, help="default: the backbone's pretrained input size"
+    )
     bench.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     bench.add_argument(
         "--workers",

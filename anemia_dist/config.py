@@ -30,6 +30,9 @@ TIMM_PREFIX = "timm:"
 """``model.arch=timm:<name>``: any timm backbone (its stages are checked when the model is built)."""
 LAST_STAGE = "last"
 """In ``unfreeze.layers``: the backbone's final stage (ResNet's ``layer4``)."""
+DEFAULT_INPUT_SIZE = 224
+"""The input size of the torchvision ResNets (the methodology's), and of timm backbones whose
+pretrained config names none."""
 RENAMED_KEYS = {"unfreeze.epoch": "unfreeze.head_only_epochs"}
 """Old dotted key -> new: the old one is still read, with a warning."""
 
@@ -37,6 +40,30 @@ RENAMED_KEYS = {"unfreeze.epoch": "unfreeze.head_only_epochs"}
 def _check(condition: bool, key: str, message: str) -> None:
     if not condition:
         raise ConfigError(f"{key}: {message}")
+
+
+def timm_name(arch: str) -> str:
+    return arch[len(TIMM_PREFIX) :]
+
+
+def timm_pretrained_cfg(arch: str) -> dict:
+    """timm's pretrained config of ``timm:<name>`` (mean, std, input size, hub repository), without weights."""
+    import timm  # here, not at the top: importing timm loads torch, which most config readers never need
+    from timm.models import get_pretrained_cfg
+
+    name = timm_name(arch)
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('.')[0][:8]}*")[:8]
+        raise ConfigError(f"model.arch: timm has no model {name!r}; similar names: {close or 'none'}")
+    cfg = get_pretrained_cfg(name)
+    return cfg.to_dict() if cfg is not None else {}
+
+
+def input_size(arch: str) -> int:
+    """The backbone's pretrained input size: what ``data.image_size=null`` means."""
+    if not arch.startswith(TIMM_PREFIX):
+        return DEFAULT_INPUT_SIZE
+    return int(timm_pretrained_cfg(arch).get("input_size", (3, DEFAULT_INPUT_SIZE))[-1])
 
 
 CONDITION = re.compile(r"^\s*(?P<column>.+?)\s*(?P<op><=|>=|==|!=|<|>)\s*(?P<value>.+?)\s*$")
@@ -76,7 +103,9 @@ class DataConfig:
     group_column: str | None = None
     """Manifest column naming the patient (or other group) that must not span two splits."""
     val_fraction: float = 0.2
-    image_size: int = 224
+    image_size: int | None = None
+    """Square input size in pixels; null: the backbone's pretrained input size (224 for the ResNets,
+    timm's pretrained config for ``timm:<name>``), set when the whole config is read."""
     num_workers: int = 4
     pipeline: Literal["gpu", "pil"] = "gpu"
     """``gpu``: decode each image once into an in-memory uint8 cache and augment whole batches on
@@ -151,7 +180,11 @@ class DataConfig:
             "set data.val_root or data.val_manifest, not both",
         )
         _check(0.0 < self.val_fraction < 1.0, "data.val_fraction", f"must be in (0, 1), got {self.val_fraction}")
-        _check(self.image_size >= 16, "data.image_size", f"must be at least 16 pixels, got {self.image_size}")
+        _check(
+            self.image_size is None or self.image_size >= 16,
+            "data.image_size",
+            f"must be at least 16 pixels, got {self.image_size}",
+        )
         _check(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
         if self.cache_dir is not None:
             _check(self.pipeline == "gpu", "data.cache_dir", "is only used with data.pipeline=gpu; unset it or switch")
@@ -526,8 +559,11 @@ class Config:
     study: StudyConfig = field(default_factory=StudyConfig)
 
     def __post_init__(self) -> None:
-        """ResNet stages are known here: ``last`` becomes ``layer4`` and unknown names stop now
-        (a timm backbone's are checked when it is built). model.task=regress needs data.measure_column."""
+        """``data.image_size=null`` becomes the backbone's pretrained input size. ResNet stages are
+        known here: ``last`` becomes ``layer4`` and unknown names stop now (a timm backbone's are
+        checked when it is built). model.task=regress needs data.measure_column."""
+        if self.data.image_size is None:
+            self.data.image_size = input_size(self.model.arch)
         _check(
             self.model.task == "classify" or self.data.measure_column is not None,
             "model.task",

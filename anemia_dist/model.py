@@ -9,8 +9,8 @@ import torch
 import torchvision
 from torch import nn
 
-from .backbones import TimmClassifier, build_timm, fetch_timm_weights, pretrained_cfg, timm_stages
-from .config import BACKBONE_STAGES, LAST_STAGE, TIMM_PREFIX, ModelConfig
+from .backbones import TimmClassifier, build_timm, fetch_timm_weights, timm_stages
+from .config import BACKBONE_STAGES, LAST_STAGE, TIMM_PREFIX, ModelConfig, input_size, timm_pretrained_cfg
 from .errors import ConfigError, WeightsError
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -31,11 +31,9 @@ def fetch_weights(arch: str) -> Path:
 
 def preprocessing(arch: str) -> dict:
     """The normalisation the backbone was pretrained with, and its pretrained input size."""
-    if not arch.startswith(TIMM_PREFIX):
-        return {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "pretrained_input_size": 224}
-    cfg = pretrained_cfg(arch)
+    cfg = timm_pretrained_cfg(arch) if arch.startswith(TIMM_PREFIX) else {}
     mean, std = cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD)
-    return {"mean": list(mean), "std": list(std), "pretrained_input_size": cfg.get("input_size", (3, 224))[-1]}
+    return {"mean": list(mean), "std": list(std), "pretrained_input_size": input_size(arch)}
 
 
 def fetch_imagenet_weights(arch: str) -> Path:

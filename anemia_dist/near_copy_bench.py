@@ -33,7 +33,7 @@ from scipy import ndimage
 
 from . import near_copies
 from .audit import connected_groups, dhash
-from .config import DataConfig
+from .config import DEFAULT_INPUT_SIZE, DataConfig
 from .images import IMAGE_EXTENSIONS, decode_rgb, working_size
 
 BLACK = (0, 0, 0)
@@ -332,7 +332,7 @@ def cp_anemic_source(folder: Path, review: Sequence[tuple[str, str, str]]) -> So
 
 def _dhash_bits(images: Sequence[Image.Image]) -> np.ndarray:
     """The audit's 256-bit dHash of each picture as decoded for training (composited onto the grey)."""
-    side = working_size(DataConfig().image_size)
+    side = working_size(DEFAULT_INPUT_SIZE)
     return np.array([np.unpackbits(np.frombuffer(dhash(decode_rgb(im, GREY, side)), np.uint8)) for im in images])
 
 

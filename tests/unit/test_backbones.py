@@ -7,14 +7,17 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from accelerate import Accelerator
 from huggingface_hub import constants
 from PIL import Image
 from safetensors.torch import save_file
 
 from anemia_dist import backbones
-from anemia_dist.config import ModelConfig, load_config
+from anemia_dist.checkpointing import Checkpointer
+from anemia_dist.config import ModelConfig, load_config, timm_pretrained_cfg
 from anemia_dist.errors import ConfigError, WeightsError
-from anemia_dist.inference import model_inputs
+from anemia_dist.inference import load_best, model_inputs
+from anemia_dist.metrics import OperatingPoint
 from anemia_dist.model import (
     backbone_stages,
     build_model,
@@ -26,6 +29,7 @@ from anemia_dist.model import (
     trainable_stages,
     unfreeze,
 )
+from anemia_dist.run_dir import BEST
 from anemia_dist.sources import Sample
 from anemia_dist.transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -132,7 +136,7 @@ def fake_hub_cache(tmp_path, monkeypatch, arch: str) -> torch.nn.Module:
     """The Hugging Face hub cache layout hf_hub_download leaves, holding a random model's weights."""
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     reference = timm.create_model(backbones.timm_name(arch))
-    repo = backbones.pretrained_cfg(arch)["hf_hub_id"]
+    repo = timm_pretrained_cfg(arch)["hf_hub_id"]
     folder = tmp_path / f"models--{repo.replace('/', '--')}"
     (folder / "refs").mkdir(parents=True)
     (folder / "refs" / "main").write_text("0123abc")
@@ -181,3 +185,22 @@ def test_predict_normalises_with_the_checkpoints_saved_normalisation(tmp_path):
     old = model_inputs(samples, meta)  # checkpoints from before meta.json held it: ImageNet's
     white = old.batch_transform(old[0][0][None])[0, :, 0, 0]
     assert torch.allclose(white, (1 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD))
+
+
+def test_the_backbones_input_size_is_saved_in_meta_and_used_by_inference(tmp_path):
+    """timm's test_convnext is pretrained at 160 px: with data.image_size left null it trains at 160,
+    meta.json says so, and inference rebuilds the model and decodes its images at 160 (not 224)."""
+    overrides = ["model.arch=timm:test_convnext", "model.weights=none", "model.hidden=8"]
+    cfg = load_config(None, overrides)
+    assert cfg.data.image_size == 160 and load_config(None, [*overrides, "data.image_size=32"]).data.image_size == 32
+    model = build_model(cfg.model, 2, cfg.data.image_size)
+    point = OperatingPoint("anemic", 0.5, "fixed", 1.0)
+    Checkpointer(Accelerator(), tmp_path, cfg, ["anemic", "non-anemic"]).save_best(model, 1, 0.7, 0.5, point)
+    rebuilt, meta = load_best(tmp_path / BEST)
+    assert (meta["image_size"], meta["pretrained_input_size"]) == (160, 160)
+    path = tmp_path / "eye.png"
+    Image.new("RGB", (300, 200), (180, 40, 40)).save(path)
+    inputs = model_inputs([Sample(str(path), 0, str(path))], meta)
+    batch = inputs.batch_transform(inputs[0][0][None])
+    assert batch.shape == (1, 3, 160, 160)
+    assert rebuilt(batch).shape == (1, 2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
@@ -31,7 +32,27 @@ def test_defaults_are_the_methodology():
 def test_packaged_default_yaml_equals_the_dataclass_defaults():
     assert load_config("default") == Config()
     assert load_config(packaged_config("default")) == Config()
-    assert yaml.safe_load(packaged_config("default").read_text()) == Config().to_dict(), "it lists every key"
+    unresolved = {f.name: dataclasses.asdict(f.default_factory()) for f in dataclasses.fields(Config)}
+    assert unresolved["unfreeze"]["layers"] == ["last"] and unresolved["data"]["image_size"] is None
+    assert yaml.safe_load(packaged_config("default").read_text()) == unresolved, "it lists every key, as written"
+
+
+def test_the_packaged_default_config_takes_a_timm_backbone():
+    """default.yaml says ``last`` and ``image_size: null``, not ResNet's resolved ``layer4`` and 224."""
+    cfg = load_config("default", ["model.arch=timm:convnext_atto", "data.root=x"])
+    assert (cfg.unfreeze.layers, cfg.data.image_size) == (["last"], 224)
+    assert load_config("default", ["model.arch=timm:resnet10t"]).data.image_size == 176
+
+
+def test_image_size_is_the_backbones_pretrained_input_size_unless_set():
+    assert Config().data.image_size == 224, "ResNet-50: the methodology's 224"
+    assert load_config(None, ["model.arch=resnet18"]).data.image_size == 224
+    assert load_config(None, ["model.arch=timm:resnet10t"]).data.image_size == 176, "timm's pretrained config"
+    assert load_config(None, ["model.arch=timm:test_convnext"]).data.image_size == 160
+    assert load_config(None, ["model.arch=timm:resnet10t", "data.image_size=96"]).data.image_size == 96
+    assert load_config(None, ["data.image_size=null"]).data.image_size == 224
+    with pytest.raises(ConfigError, match="timm has no model"):
+        load_config(None, ["model.arch=timm:resnet10tt"])
 
 
 def test_overrides_apply_on_top_of_the_file_with_yaml_typed_values():
