@@ -23,6 +23,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -239,23 +240,17 @@ def run_fold(cfg: Config, plan: StudyPlan, study_dir: Path, fold: int) -> dict[s
         f"data.num_workers={cfg.data.num_workers}",
         f"eval.bootstrap={cfg.eval.bootstrap}",
     ]
-    if cfg.model.task == REGRESS:
-        return evaluate_hb(
-            directory / BEST,
-            directory / TEST_DATA,
-            overrides,
-            batch_size=cfg.train.batch_size,
-            out=directory / TEST_JSON,
-            report_dir=directory / TEST_REPORT,
-        )
-    return evaluate(
+    # A regression model is scored by evaluate_hb (agreement, thresholds, intervals); a classifier with
+    # the quality gate off, since the test fold was audited like the training data: every test image
+    # is scored, exactly once.
+    score = evaluate_hb if cfg.model.task == REGRESS else partial(evaluate, quality_gate=False)
+    return score(
         directory / BEST,
         directory / TEST_DATA,
         overrides,
         batch_size=cfg.train.batch_size,
         out=directory / TEST_JSON,
         report_dir=directory / TEST_REPORT,
-        quality_gate=False,  # audited like the training data: every test image is scored, exactly once
     )
 
 
