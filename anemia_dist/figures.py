@@ -1,7 +1,7 @@
 """Every figure a run or an evaluation draws, as PNG files: the training curves, and the ROC,
 precision-recall, confusion and reliability plots at the operating point.
 
-matplotlib is set up once (:func:`_pyplot`, the non-interactive Agg backend, imported on first
+matplotlib is set up once (:func:`pyplot`, the non-interactive Agg backend, imported on first
 use: training pays nothing for it until the end).
 """
 
@@ -25,7 +25,7 @@ OPERATING_COLOUR = "tab:red"
 
 
 @cache
-def _pyplot():
+def pyplot():
     """matplotlib.pyplot on the Agg backend (files only, no display needed)."""
     import matplotlib
 
@@ -43,7 +43,7 @@ def lr_cut_epochs(rows: Sequence[dict[str, Any]]) -> list[int]:
 def plot_curves(rows: Sequence[dict[str, Any]], path: Path) -> None:
     """Loss, accuracy, validation screening metrics (when logged) and learning rate per epoch,
     with unfreezing and lr cuts marked."""
-    plt = _pyplot()
+    plt = pyplot()
     epochs = [r["epoch"] for r in rows]
     screening = "val_auroc" in rows[0]
     figure, axes = plt.subplots(
@@ -109,7 +109,7 @@ def _mark_operating_point(axis, x: float, y: float, result: dict[str, Any], valu
 
 
 def plot_roc(pred: Predictions, result: dict[str, Any], path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(5.6, 5.4), constrained_layout=True)
     if pred.truth.any() and not pred.truth.all():
         fpr, tpr, _ = roc_curve(pred.truth, pred.score)
@@ -143,7 +143,7 @@ def _save_unit_square(plt, figure, axis, path: Path, legend_loc: str) -> None:
 
 
 def plot_precision_recall(pred: Predictions, result: dict[str, Any], path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(5.6, 5.4), constrained_layout=True)
     prevalence = float(pred.truth.mean()) if len(pred) else 0.0
     if pred.truth.any():
@@ -177,7 +177,7 @@ def plot_precision_recall(pred: Predictions, result: dict[str, Any], path: Path)
 
 def plot_confusion(result: dict[str, Any], path: Path) -> None:
     """Counts with the share of each true class; rows are the truth, positive class first."""
-    plt = _pyplot()
+    plt = pyplot()
     cm = result["confusion_matrix"]
     counts = np.array([[cm["true_positive"], cm["false_negative"]], [cm["false_positive"], cm["true_negative"]]])
     shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
@@ -205,7 +205,7 @@ def plot_confusion(result: dict[str, Any], path: Path) -> None:
 
 def plot_reliability(pred: Predictions, result: dict[str, Any], path: Path, uncalibrated: Predictions | None) -> None:
     """Observed frequency of the positive class per predicted-probability bin, with the bins' sizes."""
-    plt = _pyplot()
+    plt = pyplot()
     figure, (top, bottom) = plt.subplots(
         2, 1, figsize=(5.6, 6.2), sharex=True, gridspec_kw={"height_ratios": [3, 1]}, constrained_layout=True
     )

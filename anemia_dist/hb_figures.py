@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import roc_curve
 
-from .figures import _pyplot
+from .figures import pyplot
 from .regression_metrics import AGREEMENT
 from .report import figure_grid, write_page
 from .run_dir import REPORT_PAGE
@@ -45,7 +45,7 @@ AGREEMENT_LABELS = dict(
 
 
 def plot_bland_altman(measured: np.ndarray, predicted: np.ndarray, result: dict[str, Any], path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(6, 4.5), constrained_layout=True)
     axis.scatter((measured + predicted) / 2, predicted - measured, s=12, alpha=0.6)
     for name, style in (("bias", "-"), ("loa_low", "--"), ("loa_high", "--")):
@@ -61,7 +61,7 @@ def plot_bland_altman(measured: np.ndarray, predicted: np.ndarray, result: dict[
 def plot_hb_scatter(
     measured: np.ndarray, predicted: np.ndarray, cut_offs: Sequence[float], result: dict[str, Any], path: Path
 ) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(5.5, 5.5), constrained_layout=True)
     axis.scatter(measured, predicted, s=12, alpha=0.6)
     low, high = float(min(measured.min(), predicted.min())) - 0.5, float(max(measured.max(), predicted.max())) + 0.5
@@ -80,7 +80,7 @@ def plot_hb_scatter(
 def plot_hb_roc(
     measured: np.ndarray, predicted: np.ndarray, thresholds: dict[str, np.ndarray], result: dict[str, Any], path: Path
 ) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(5.5, 5.5), constrained_layout=True)
     for name, threshold in thresholds.items():
         truth = measured < threshold
@@ -98,7 +98,7 @@ def plot_hb_roc(
 
 
 def plot_intervals(measured: np.ndarray, predicted: np.ndarray, radius: float, result: dict[str, Any], path: Path):
-    plt = _pyplot()
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
     order = np.argsort(measured, kind="stable")
     x = np.arange(len(order))

@@ -105,7 +105,7 @@ def _number(row: dict[str, str], column: str, where: str) -> float:
         ) from None
 
 
-def _holds(row: dict[str, str], condition: str, where: str) -> bool:
+def condition_holds(row: dict[str, str], condition: str, where: str) -> bool:
     column, op, value = parse_condition(condition, where)
     if column not in row:
         raise DataError(f"{where}: condition {condition!r} names column {column!r}, which the manifest lacks")
@@ -124,7 +124,7 @@ def _threshold(row: dict[str, str], cfg: DataConfig, where: str) -> float:
     if cfg.threshold_column is not None:
         return _number(row, cfg.threshold_column, where)
     for rule in cfg.threshold_rules:
-        if all(_holds(row, condition, where) for condition in rule.when):
+        if all(condition_holds(row, condition, where) for condition in rule.when):
             return rule.threshold
     raise DataError(f"{where}: no rule in data.threshold_rules matches this row; add a rule that covers it")
 

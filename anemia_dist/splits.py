@@ -42,7 +42,7 @@ class SplitData:
     audit: AuditReport | None = None
 
 
-def _exclusions(cfg: DataConfig, report: AuditReport) -> dict[int, tuple[str, str]]:
+def audit_exclusions(cfg: DataConfig, report: AuditReport) -> dict[int, tuple[str, str]]:
     """Sample index -> (reason, detail) for the files this config leaves out."""
     if report.bad and cfg.bad_files == "error":
         raise DataError(report.bad_files_message())
@@ -126,7 +126,7 @@ def _fold_split(
 def build_split(cfg: DataConfig, seed: int) -> SplitData:
     """Load, audit, exclude by policy, merge units, split: the same result on every call for a seed."""
     samples, classes, report = audit_data(cfg)
-    excluded = _exclusions(cfg, report)
+    excluded = audit_exclusions(cfg, report)
     kept = assign_units(
         samples, report, [i for i in range(len(samples)) if i not in excluded], cfg.site_column is not None
     )

@@ -39,7 +39,7 @@ from .distributed import decided_on_main
 from .errors import ConfigError, DataError
 from .run_dir import BEST, CONFIG, FOLDS, STUDY_PLAN, SUMMARY, TEST_DATA, TEST_JSON, TEST_REPORT, TRAIN_DATA
 from .sources import Sample
-from .splits import MEASURE_COLUMN, THRESHOLD_COLUMN, _exclusions, assign_units
+from .splits import MEASURE_COLUMN, THRESHOLD_COLUMN, assign_units, audit_exclusions
 from .tasks import REGRESS
 
 logger = get_logger(__name__)
@@ -125,7 +125,7 @@ def plan_study(cfg: Config) -> StudyPlan:
     samples, classes, report = audit_data(cfg.data)
     if any(s.split for s in samples):
         raise DataError(f"{cfg.data.manifest}: a study makes its own splits; drop the manifest's split column")
-    excluded = _exclusions(cfg.data, report)
+    excluded = audit_exclusions(cfg.data, report)
     kept = assign_units(
         samples, report, [i for i in range(len(samples)) if i not in excluded], bool(cfg.data.site_column)
     )

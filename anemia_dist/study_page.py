@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import precision_recall_curve, roc_curve
 
-from .figures import _pyplot, plot_confusion, plot_reliability
+from .figures import plot_confusion, plot_reliability, pyplot
 from .metrics import Predictions
 from .report import figure_grid, figure_html, write_page
 from .run_dir import CONFUSION, FOREST, PRECISION_RECALL, RELIABILITY, REPORT, ROC, STUDY_PAGE
@@ -36,7 +36,7 @@ def _fold_masks(oof: Sequence[dict[str, str]]) -> list[tuple[str, np.ndarray]]:
 
 def plot_pooled_curves(oof, truth: np.ndarray, score: np.ndarray, study: dict[str, Any], directory: Path) -> None:
     """ROC and precision-recall of the pooled predictions, with every fold's curve in a faint line."""
-    plt = _pyplot()
+    plt = pyplot()
     pooled = study["pooled"]
     for name, curve, labels in (
         (ROC, lambda t, s: roc_curve(t, s)[:2], ("1 - specificity", "sensitivity")),
@@ -64,7 +64,7 @@ def plot_pooled_curves(oof, truth: np.ndarray, score: np.ndarray, study: dict[st
 
 def plot_forest(study: dict[str, Any], path: Path) -> None:
     """One panel per metric: each fold (or site) with its interval, and the pooled estimate."""
-    plt = _pyplot()
+    plt = pyplot()
     folds = study["folds"]
     metrics = ("auroc", "sensitivity", "specificity")
     figure, axes = plt.subplots(1, 3, figsize=(11, 1.2 + 0.45 * (len(folds) + 1)), sharey=True, constrained_layout=True)

@@ -32,7 +32,7 @@ from .metrics import (
     point_metrics,
 )
 from .run_dir import CONFIG, FOLDS, OOF_PREDICTIONS, PREDICTIONS, STUDY_JSON, STUDY_PLAN, TEST_JSON, TEST_REPORT
-from .sources import _holds, read_manifest
+from .sources import condition_holds, read_manifest
 from .study_hb import HB_ACROSS_FOLDS, HB_OOF_COLUMNS, hb_study, hb_subgroups, write_hb_study_page
 from .tasks import REGRESS
 
@@ -189,7 +189,8 @@ def subgroup_labels(cfg: Config, paths: Sequence[str]) -> dict[str, list[str | N
         where = f"study.subgroups: {spec!r}"
         if CONDITION.match(spec):
             out[spec] = [
-                None if p not in by_path else ("yes" if _holds(by_path[p], spec, where) else "no") for p in paths
+                None if p not in by_path else ("yes" if condition_holds(by_path[p], spec, where) else "no")
+                for p in paths
             ]
         else:
             if rows and spec not in rows[0]:
