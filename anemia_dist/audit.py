@@ -249,7 +249,7 @@ class AuditReport:
         return rows
 
     def near_rule(self) -> str:
-        """What made files near copies, e.g. ``dHash <= 16 of 256 bits or near-copies-1 <= 0.1``."""
+        """What made files near copies, e.g. ``dHash <= 16 of 256 bits or near-copies-2 <= 0.1``."""
         rules = []
         if self.near_duplicate_distance is not None:
             rules.append(f"dHash <= {self.near_duplicate_distance} of 256 bits")

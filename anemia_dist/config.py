@@ -159,10 +159,10 @@ class DataConfig:
     re-cut from one photo differ by 0-15 bits and no pair lies at 16-21; from 22 bits on, other
     photos of what may be the same eye mix with look-alike eyes, which only patient IDs separate."""
     near_copy_threshold: float | None = 0.10
-    """Images whose ``near-copies-1`` vectors (anemia_dist/near_copies.py: mirror/turn invariant,
-    taken in the frame of each crop's mask) lie within this distance are near copies and share a
-    split, beside the dHash pairs; null turns it off. 0.10 is set on a benchmark (docs/near-copies.md):
-    recall 0.97 on made copies, 6e-5 of CP-AnemiC's distinct pairs merged."""
+    """Images within this ``near-copies-2`` distance (anemia_dist/near_copies.py: mirror/turn
+    invariant, taken in the frame of each crop's mask, with a second stage for crops re-cut by hand)
+    are near copies and share a split, beside the dHash pairs; null turns it off. 0.10 is set on a
+    benchmark (docs/near-copies.md): recall 0.97 on made copies, 6e-5 of CP-AnemiC's distinct pairs merged."""
     copy_review: str | None = None
     """CSV of pairs reviewed by eye (columns a, b, verdict; a/b a file name, stem or path), or the name
     of a packaged one (``cp_anemic_review.csv``, which ``--config cp_anemic`` uses): rows whose verdict

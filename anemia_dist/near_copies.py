@@ -12,10 +12,23 @@ move it at all. The distance between two images is the smallest Euclidean distan
 mirror/90-degree images of one of them (EXIF orientations included), which in DCT space are
 sign flips and a transpose, so nothing is decoded twice.
 
-Pairs are found with a k-d tree over the lowest frequencies (u + v <= 4) of each channel. That is
-a projection, never longer than the whole distance, so every pair within the cut-off is among the
-tree's candidates and the result equals the all-pairs search; the work grows with the number of
-candidates, not with the number of all pairs.
+That vector cannot see a crop cut again by hand from the same photo: a longer tip or a redrawn
+edge moves the frame, and such re-cuts lie as far apart as distinct look-alikes of other children.
+What a re-cut keeps is the inside: the same shading, blotches and highlights at the same places
+along the crescent. So each vector also holds the crop *straightened*: colours sampled along the
+long axis (columns) from one edge of the mask to the other (rows), whatever the outline. A second
+stage compares pairs within CANDIDATE_RADIUS of each other at the first stage whose colour
+profiles agree (PROFILE_GATE): it slides and stretches one strip along the other (a trimmed tip,
+a rescale), tries the 4 reversals (mirrors and turns), and asks that the aligned colours agree and
+that their fine detail correlates; a featureless crop has no detail to correlate, so featureless
+look-alikes stay apart. Its result is a distance on the first stage's scale (:func:`_aligned`): a
+pair's distance is the smaller of the two stages'.
+
+Pairs are found with k-d trees: the first stage's over the lowest frequencies (u + v <= 4) of each
+channel, a projection never longer than the whole distance, so every pair within the cut-off is
+among its candidates; the second stage's over the colour profiles' deciles, with the gate as its
+radius. The result equals the all-pairs search, and the work grows with the number of candidates,
+not with the number of all pairs.
 
 The cut-off and the measurements behind it: docs/near-copies.md.
 """
@@ -29,13 +42,13 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from scipy import fft
+from scipy import fft, ndimage
 from scipy.spatial import cKDTree
 
 from .errors import DataError
 from .images import has_alpha, to_rgb
 
-VERSION = "near-copies-1"
+VERSION = "near-copies-2"
 """Changes whenever the vectors or the distance change: vectors of two versions do not compare."""
 DEFAULT_THRESHOLD = 0.10
 """Distances at or below this are near copies; chosen on the benchmark (docs/near-copies.md)."""
@@ -46,7 +59,33 @@ KEEP = 8
 """Lowest DCT frequencies kept per axis and channel."""
 CHANNELS = 4
 """Premultiplied R, G, B, then the mask."""
-DIMENSIONS = CHANNELS * KEEP * KEEP
+DCT_DIMENSIONS = CHANNELS * KEEP * KEEP
+"""The first stage's part of a vector: the DCT coefficients."""
+STRIP_LENGTH = 64
+"""Samples of the straightened crop along its long axis."""
+STRIP_ROWS = 8
+"""Samples across it, from one edge of the mask to the other."""
+_RENDER = 2 * STRIP_LENGTH
+"""Columns the crop is rendered at, along its long axis, before the strip is taken."""
+DIMENSIONS = DCT_DIMENSIONS + 3 * STRIP_ROWS * STRIP_LENGTH
+CANDIDATE_RADIUS = 0.30
+"""First-stage distance within which the second stage looks (every copy reviewed on CP-AnemiC lies within)."""
+PROFILE_GATE = 0.03
+"""Crops whose colour profiles (the deciles of each channel along the strip, 0..1) differ by more
+than this (RMS) are not the same picture: a trimmed tip or a redrawn edge barely moves them, and
+they index the second stage's candidates."""
+_DECILES = np.linspace(0.1, 0.9, 9)
+"""What the profile gate compares: 9 deciles per channel."""
+STRIP_RMS = 0.02
+"""At the default cut-off: aligned strips whose colours differ by at most this (RMS, 0..1) ..."""
+STRIP_CORRELATION = 0.5
+"""... and whose fine detail correlates at least this much pass the second stage."""
+STRETCHES = np.exp(np.linspace(np.log(0.7), np.log(1 / 0.7), 15))
+"""Length ratios tried when aligning two strips (a rescaled or trimmed copy)."""
+SLIDES = np.linspace(-0.3, 0.3, 25) * STRIP_LENGTH
+"""Offsets tried along the strip (a trimmed tip)."""
+OVERLAP = 0.6
+"""Least share of the strip that must overlap the other for an alignment to count."""
 WINDOW = 1.8
 """Half the thumbnail's side, in standard deviations of the mask along each axis: the faint tips
 of a crescent fall outside, so trimming them changes little."""
@@ -107,7 +146,7 @@ def _foreground(rgb: np.ndarray) -> np.ndarray:
     return np.clip((difference - BORDER_TOLERANCE / 2) / BORDER_TOLERANCE, 0, 1)
 
 
-def _frame(shown: np.ndarray) -> tuple[float, float, float, float, float]:
+def mask_frame(shown: np.ndarray) -> tuple[float, float, float, float, float]:
     """(centre x, centre y, angle of the long axis, spread along it, spread across it) of the mask's
     mass, in continuous pixel coordinates (pixel i spans [i, i + 1))."""
     total = float(shown.sum())
@@ -153,14 +192,67 @@ def _resample(premultiplied: Image.Image, frame: tuple[float, float, float, floa
     return np.stack(out)
 
 
+def _strip(rgba: Image.Image, shown: np.ndarray, angle: float) -> np.ndarray:
+    """3 x STRIP_ROWS x STRIP_LENGTH: the crop straightened. Rendered with its long axis horizontal
+    (no scale removed: a strip spans the mask's whole length), each column's colours are sampled
+    at STRIP_ROWS even steps between the mask's edges, then the columns are resampled to
+    STRIP_LENGTH. A re-cut edge moves where a column's samples fall a little, not what they show."""
+    ys, xs = np.nonzero(shown > 0.5)
+    if len(xs) < 2:
+        return np.zeros((3, STRIP_ROWS, STRIP_LENGTH), dtype=np.float32)
+    cos, sin = np.cos(angle), np.sin(angle)
+    along, across = (xs + 0.5) * cos + (ys + 0.5) * sin, (ys + 0.5) * cos - (xs + 0.5) * sin
+    u0, v0 = along.min() - 0.5, across.min() - 0.5
+    step = (along.max() + 0.5 - u0) / _RENDER  # source pixels per rendered pixel
+    height = int(np.ceil((across.max() + 0.5 - v0) / step)) + 1
+    premultiplied = rgba.convert("RGBa")
+    width, tall = premultiplied.size
+    if step > 2:  # shrink first so bilinear sampling does not alias
+        premultiplied = premultiplied.resize(
+            (max(1, round(width / step)), max(1, round(tall / step))), Image.Resampling.BOX
+        )
+    sx, sy = width / premultiplied.width, tall / premultiplied.height
+    # Rendered point (X, Y) -> source: x = u cos - v sin, y = u sin + v cos with u = u0 + X step, v = v0 + Y step.
+    coefficients = (
+        step * cos / sx, -step * sin / sx, (u0 * cos - v0 * sin) / sx,
+        step * sin / sy, step * cos / sy, (u0 * sin + v0 * cos) / sy,
+    )  # fmt: skip
+    planes = np.stack(
+        [
+            np.asarray(
+                Image.fromarray(np.ascontiguousarray(plane), "F").transform(
+                    (_RENDER, height), Image.Transform.AFFINE, coefficients, Image.Resampling.BILINEAR
+                )
+            )
+            for plane in np.asarray(premultiplied, dtype=np.float32).transpose(2, 0, 1) / 255
+        ]
+    )
+    inside = planes[3] > 0.5
+    columns = np.nonzero(inside.sum(axis=0) >= 2)[0]
+    if len(columns) < 2:
+        return np.zeros((3, STRIP_ROWS, STRIP_LENGTH), dtype=np.float32)
+    first, last = inside.argmax(axis=0), height - 1 - inside[::-1].argmax(axis=0)
+    rows = first + (np.arange(STRIP_ROWS)[:, None] + 0.5) / STRIP_ROWS * (last - first)  # ROWS x _RENDER
+    low = np.clip(np.floor(rows).astype(np.intp), 0, height - 2)
+    weight = np.clip(rows - low, 0, 1)
+    cols = np.arange(_RENDER)
+    sampled = planes[:, low, cols] * (1 - weight) + planes[:, low + 1, cols] * weight  # 4 x ROWS x _RENDER
+    colours = sampled[:3] / np.maximum(sampled[3], 1e-3)
+    position = np.linspace(columns[0], columns[-1], STRIP_LENGTH)
+    left = np.clip(np.floor(position).astype(np.intp), 0, _RENDER - 2)
+    share = position - left
+    return (colours[..., left] * (1 - share) + colours[..., left + 1] * share).astype(np.float32)
+
+
 def feature(image: Image.Image) -> np.ndarray:
-    """One opened image's vector (``DIMENSIONS`` float32): RGBA keeps its mask, RGB gets one from
-    a flat border. A JPEG decoded at a reduced scale (as the audit does) is fine: the vector is
-    taken from a 32 x 32 thumbnail."""
+    """One opened image's vector (``DIMENSIONS`` float32): the first stage's DCT coefficients, then
+    the straightened strip. RGBA keeps its mask, RGB gets one from a flat border. A JPEG decoded
+    at a reduced scale (as the audit does) is fine: both parts are small."""
     rgba, shown = _with_mask(image)
-    thumbs = _resample(rgba.convert("RGBa"), _frame(shown))
+    frame = mask_frame(shown)
+    thumbs = _resample(rgba.convert("RGBa"), frame)
     coefficients = fft.dctn(thumbs, type=2, norm="ortho", axes=(1, 2))[:, :KEEP, :KEEP]
-    return (coefficients / THUMB).astype(np.float32).ravel()
+    return np.concatenate([(coefficients / THUMB).ravel(), _strip(rgba, shown, frame[2]).ravel()]).astype(np.float32)
 
 
 def features(images: Iterable[Image.Image]) -> np.ndarray:
@@ -173,11 +265,11 @@ _ODD = np.where(np.arange(KEEP) % 2 == 1, -1.0, 1.0).astype(np.float32)  # mirro
 
 
 def orientations(vectors: np.ndarray) -> list[np.ndarray]:
-    """``vectors`` as the 8 mirrored/turned images would give them, identity first."""
-    blocks = vectors.reshape(len(vectors), CHANNELS, KEEP, KEEP)
+    """The first stage's part of ``vectors`` as the 8 mirrored/turned images would give it, identity first."""
+    blocks = vectors[:, :DCT_DIMENSIONS].reshape(len(vectors), CHANNELS, KEEP, KEEP)
     flip_rows, flip_cols = _ODD[:, None], _ODD[None, :]
     return [
-        np.ascontiguousarray(turned * signs).reshape(len(vectors), DIMENSIONS)
+        np.ascontiguousarray(turned * signs).reshape(len(vectors), DCT_DIMENSIONS)
         for turned in (blocks, blocks.transpose(0, 1, 3, 2))
         for signs in (np.float32(1), flip_cols, flip_rows, flip_rows * flip_cols)
     ]
@@ -195,35 +287,205 @@ def _smallest_distances(a: np.ndarray, oriented_b: Iterable[np.ndarray]) -> np.n
     return np.sqrt(np.maximum(best, 0))
 
 
+COARSE = 4
+"""Strip samples averaged into one for the coarse alignment search (the fine one refines it)."""
+
+
+def _alignments(pool: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(left sample, share of the next, inside) per alignment x sample of a strip pooled by
+    ``pool``: where sample s of one strip falls on the other, stretched by each of STRETCHES and
+    slid by each of SLIDES (alignment k = stretch index x len(SLIDES) + slide index). Alignments
+    that overlap less than OVERLAP of the strip have no sample inside."""
+    length = STRIP_LENGTH // pool
+    centre = pool * np.arange(length) + (pool - 1) / 2  # a pooled sample's place on the full strip
+    position = STRETCHES[:, None, None] * (centre[None, None, :] - SLIDES[None, :, None])
+    position = ((position - (pool - 1) / 2) / pool).reshape(-1, length)
+    inside = (position >= 0) & (position <= length - 1)
+    inside &= inside.mean(axis=1, keepdims=True) >= OVERLAP
+    left = np.clip(np.floor(position).astype(np.intp), 0, length - 2)
+    return left, np.clip(position - left, 0, 1).astype(np.float32), inside
+
+
+_FINE = _alignments(1)
+_SEARCHED = np.nonzero(np.add.outer(np.arange(len(STRETCHES)) % 2, np.arange(len(SLIDES)) % 2).ravel() == 0)[0]
+"""Alignments the coarse search tries: every other stretch and slide (the fine one fills the gaps)."""
+_COARSE = tuple(part[_SEARCHED] for part in _alignments(COARSE))
+_NEIGHBOURS = np.array([(ds, dl) for ds in (-1, 0, 1) for dl in (-1, 0, 1)])
+"""Steps of the stretch and slide grid around the coarse search's best that the fine one tries."""
+_PAIR_BATCH = 256
+"""Pairs the second stage aligns at a time (memory: _PAIR_BATCH x alignments x a coarse profile)."""
+
+
+def _strips(vectors: np.ndarray) -> np.ndarray:
+    return vectors[:, DCT_DIMENSIONS:].reshape(len(vectors), 3, STRIP_ROWS, STRIP_LENGTH)
+
+
+def _detail(strips: np.ndarray) -> np.ndarray:
+    """What a re-cut keeps and a look-alike does not: the strips less their smooth shading."""
+    return strips - ndimage.gaussian_filter(strips, (0, 0, 1, 3), mode="nearest")
+
+
+def _at(strips: np.ndarray, grid: tuple[np.ndarray, np.ndarray, np.ndarray], alignment: np.ndarray) -> np.ndarray:
+    """``strips`` (pairs x ... x samples) sampled where each pair's alignment (pairs x tried) puts
+    the other strip: pairs x ... x tried x samples."""
+    left, share = grid[0][alignment], grid[1][alignment]  # pairs x tried x samples
+    extra = strips.ndim - 2
+    index = left.reshape(len(strips), *(1,) * extra, -1)
+    low = np.take_along_axis(strips, index, axis=-1).reshape(*strips.shape[:-1], *left.shape[1:])
+    high = np.take_along_axis(strips, index + 1, axis=-1).reshape(low.shape)
+    weight = share.reshape(len(strips), *(1,) * extra, *share.shape[1:])
+    return low * (1 - weight) + high * weight
+
+
+def _profile_errors(
+    profile_a: np.ndarray,
+    profile_b: np.ndarray,
+    grid: tuple[np.ndarray, np.ndarray, np.ndarray],
+    alignment: np.ndarray | None = None,
+) -> np.ndarray:
+    """Mean squared colour difference per pair and alignment tried (pairs x tried; every one of
+    ``grid`` when ``alignment`` is None), inf where they do not overlap."""
+    if alignment is None:
+        left, share, inside = grid
+        sampled = profile_b[:, :, left] * (1 - share) + profile_b[:, :, left + 1] * share  # pairs x 3 x K x samples
+    else:
+        sampled, inside = _at(profile_b, grid, alignment), grid[2][alignment]
+    error = (((sampled - profile_a[:, :, None]) ** 2).sum(axis=1) * inside).sum(axis=-1)
+    counted = inside.sum(axis=-1)
+    return np.where(counted > 0, error / np.maximum(counted, 1), np.inf)
+
+
+def _verified(a: np.ndarray, b: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """The second stage's distance of pairs (row i of ``a``, row j of ``b``): the smaller of
+    aligning b to a and a to b, so that it does not depend on the order (:func:`_aligned`)."""
+    strips_a, strips_b = _strips(a), _strips(b)
+    detail_a, detail_b = _detail(strips_a), _detail(strips_b)
+    return np.minimum(
+        _aligned(strips_a[i], strips_b[j], detail_a[i], detail_b[j]),
+        _aligned(strips_b[j], strips_a[i], detail_b[j], detail_a[i]),
+    )
+
+
+def _aligned(sa: np.ndarray, sb: np.ndarray, detail_a: np.ndarray, detail_b: np.ndarray) -> np.ndarray:
+    """The second stage's distance of strips ``sb`` aligned to ``sa`` (pairs x 3 x ROWS x LENGTH),
+    on the first stage's scale: ``DEFAULT_THRESHOLD`` x the larger of (aligned colour RMS /
+    STRIP_RMS) and (1 - detail correlation) / (1 - STRIP_CORRELATION), so at the default cut-off a
+    pair passes when both tests do and a lower cut-off asks more of both."""
+    out = np.empty(len(sa))
+    for start in range(0, len(sa), _PAIR_BATCH):
+        batch = slice(start, start + _PAIR_BATCH)
+        a, b, da, db = sa[batch], sb[batch], detail_a[batch], detail_b[batch]
+        pairs = len(a)
+        # 1. Slide and stretch b's colour profile along a's, either end first: coarse, then fine
+        # around the coarse best (a trimmed tip, a rescale, a mirror).
+        profile_a, profile_b = a.mean(axis=2), b.mean(axis=2)  # pairs x 3 x LENGTH
+        pooled_a = profile_a.reshape(pairs, 3, -1, COARSE).mean(axis=3)
+        pooled_b = profile_b.reshape(pairs, 3, -1, COARSE).mean(axis=3)
+        coarse = [_profile_errors(pooled_a, pooled_b[..., ::-1] if r else pooled_b, _COARSE) for r in (0, 1)]
+        reverse, best = np.divmod(np.concatenate(coarse, axis=1).argmin(axis=1), len(_SEARCHED))
+        stretch, slide = np.divmod(_SEARCHED[best], len(SLIDES))
+        near_stretch = np.clip(stretch[:, None] + _NEIGHBOURS[:, 0], 0, len(STRETCHES) - 1)
+        near_slide = np.clip(slide[:, None] + _NEIGHBOURS[:, 1], 0, len(SLIDES) - 1)
+        nearby = near_stretch * len(SLIDES) + near_slide  # pairs x 9
+        along = np.where(reverse[:, None, None, None], b[..., ::-1], b)
+        along_detail = np.where(reverse[:, None, None, None], db[..., ::-1], db)
+        fine = _profile_errors(profile_a, along.mean(axis=2), _FINE, nearby)
+        alignment = nearby[np.arange(pairs), fine.argmin(axis=1)][:, None]  # pairs x 1
+        inside = _FINE[2][alignment][:, None, None, 0, :]  # pairs x 1 x 1 x LENGTH
+        counted = 3 * STRIP_ROWS * np.maximum(inside.sum(axis=(1, 2, 3)), 1)
+        # 2. At that alignment, the rows either way up: the one whose colours agree better.
+        rms, correlation = np.full(pairs, np.inf), np.zeros(pairs)
+        for flip in (False, True):
+            colours = _at(along[:, :, ::-1] if flip else along, _FINE, alignment)[..., 0, :]
+            error = np.sqrt((((colours - a) ** 2) * inside).sum(axis=(1, 2, 3)) / counted)
+            detail = _at(along_detail[:, :, ::-1] if flip else along_detail, _FINE, alignment)[..., 0, :]
+            better = error < rms
+            rms[better] = error[better]
+            correlation[better] = _correlation(da * inside, detail * inside, inside)[better]
+        out[batch] = DEFAULT_THRESHOLD * np.maximum(rms / STRIP_RMS, (1 - correlation) / (1 - STRIP_CORRELATION))
+    return out
+
+
+def _correlation(x: np.ndarray, y: np.ndarray, inside: np.ndarray) -> np.ndarray:
+    """Pearson correlation per pair over the samples ``inside`` (x and y already zero outside)."""
+    count = 3 * STRIP_ROWS * inside.sum(axis=(1, 2, 3))
+    x = (x - (x.sum(axis=(1, 2, 3)) / count)[:, None, None, None]) * inside
+    y = (y - (y.sum(axis=(1, 2, 3)) / count)[:, None, None, None]) * inside
+    scale = np.sqrt((x**2).sum(axis=(1, 2, 3)) * (y**2).sum(axis=(1, 2, 3)))
+    return np.where(scale > 0, (x * y).sum(axis=(1, 2, 3)) / np.maximum(scale, 1e-12), 0.0)
+
+
+def _deciles(vectors: np.ndarray) -> np.ndarray:
+    """The deciles of each channel of each strip's colour profile (rows averaged), n x 27."""
+    profile = _strips(vectors).mean(axis=2)
+    return np.quantile(profile, _DECILES, axis=2).transpose(1, 2, 0).reshape(len(vectors), -1)
+
+
+def _combined(a: np.ndarray, b: np.ndarray, i: np.ndarray, j: np.ndarray, first: np.ndarray) -> np.ndarray:
+    """The finder's distance of pairs (row i of ``a``, row j of ``b``) whose first-stage distance
+    is ``first``: the smaller of the two stages, the second only for pairs within CANDIDATE_RADIUS
+    whose colour profiles pass PROFILE_GATE."""
+    out = first.astype(np.float64).copy()
+    gap = np.sqrt(((_deciles(a)[i] - _deciles(b)[j]) ** 2).mean(axis=1))
+    pick = np.nonzero((first <= CANDIDATE_RADIUS) & (gap <= PROFILE_GATE))[0]
+    if len(pick):
+        out[pick] = np.minimum(out[pick], _verified(a, b, i[pick], j[pick]))
+    return out
+
+
+def first_stage_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """All pairs' first-stage distances (the smallest over the 8 orientations of ``b``): what
+    ``near-copies-1`` measured, kept for the benchmark's comparison."""
+    return _smallest_distances(a[:, :DCT_DIMENSIONS], orientations(b))
+
+
 def distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """All pairs' distances, ``len(a)`` x ``len(b)``: the smallest over the 8 orientations of ``b``.
-    Quadratic; :func:`near_copy_pairs` and :func:`cross_pairs` find the close ones without it."""
-    return _smallest_distances(a, orientations(b))
+    """All pairs' distances, ``len(a)`` x ``len(b)``: the first stage's, or the second's where
+    smaller. Quadratic; :func:`near_copy_pairs` and :func:`cross_pairs` find the close ones without it."""
+    first = first_stage_distances(a, b)
+    i, j = np.nonzero(first <= CANDIDATE_RADIUS)
+    first[i, j] = _combined(a, b, i, j, first[i, j])
+    return first
 
 
-def _pairs(a: np.ndarray, b: np.ndarray, threshold: float, same: bool) -> list[tuple[int, int, float]]:
-    if not len(a) or not len(b):
-        return []
-    tree = cKDTree(a[:, _KEY].astype(np.float64))
-    radius = threshold * (1 + 1e-6) + 1e-9  # rounding must not drop a pair at the cut-off
-    a64 = a.astype(np.float64)
-    best: dict[tuple[int, int], float] = {}
+def _first_stage_pairs(a: np.ndarray, b: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """First-stage distances of the pairs (row i of ``a``, row j of ``b``)."""
+    a64, best = a[:, :DCT_DIMENSIONS].astype(np.float64), np.full(len(i), np.inf)
     for turned in orientations(b):
-        found = tree.sparse_distance_matrix(cKDTree(turned[:, _KEY].astype(np.float64)), radius, output_type="ndarray")
-        i, j = found["i"].astype(np.intp), found["j"].astype(np.intp)
-        if same:
-            i, j = i[i < j], j[i < j]  # (j, i) in the inverse orientation is the same pair
         t64 = turned.astype(np.float64)
         for start in range(0, len(i), _CHUNK):
             ci, cj = i[start : start + _CHUNK], j[start : start + _CHUNK]
-            distance = np.sqrt(((a64[ci] - t64[cj]) ** 2).sum(axis=1))
-            close = distance <= threshold
-            for pair, value in zip(
-                zip(ci[close].tolist(), cj[close].tolist(), strict=True), distance[close].tolist(), strict=True
-            ):
-                if value < best.get(pair, np.inf):
-                    best[pair] = value
-    return sorted((i, j, d) for (i, j), d in best.items())
+            best[start : start + _CHUNK] = np.minimum(
+                best[start : start + _CHUNK], np.sqrt(((a64[ci] - t64[cj]) ** 2).sum(axis=1))
+            )
+    return best
+
+
+def _within(a: np.ndarray, b: np.ndarray, radius: float, same: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(i, j) of rows of ``a`` and ``b`` within ``radius`` (Euclidean; i < j when ``same``), by k-d trees."""
+    radius = radius * (1 + 1e-6) + 1e-9  # rounding must not drop a pair at the edge
+    found = cKDTree(a).sparse_distance_matrix(cKDTree(b), radius, output_type="ndarray")
+    i, j = found["i"].astype(np.intp), found["j"].astype(np.intp)
+    return (i[i < j], j[i < j]) if same else (i, j)
+
+
+def _pairs(a: np.ndarray, b: np.ndarray, threshold: float, same: bool) -> list[tuple[int, int, float]]:
+    """Pairs within ``threshold``: the first stage's from a k-d tree over its lowest frequencies
+    (each orientation of ``b``), the second's from a k-d tree over the colour profiles' deciles."""
+    if not len(a) or not len(b):
+        return []
+    key = a[:, _KEY].astype(np.float64)
+    first_i, first_j = zip(
+        *(_within(key, turned[:, _KEY].astype(np.float64), threshold, same) for turned in orientations(b)), strict=True
+    )  # (j, i) in the inverse orientation is the same pair, hence i < j for one set
+    deciles_a, deciles_b = _deciles(a), _deciles(b)
+    second_i, second_j = _within(deciles_a, deciles_b, PROFILE_GATE * np.sqrt(deciles_a.shape[1]), same)
+    i, j = np.concatenate([*first_i, second_i]), np.concatenate([*first_j, second_j])
+    pair = np.unique(np.stack([i, j], axis=1), axis=0).reshape(-1, 2)
+    i, j = pair[:, 0], pair[:, 1]
+    distance = _combined(a, b, i, j, _first_stage_pairs(a, b, i, j))
+    close = distance <= threshold
+    return list(zip(i[close].tolist(), j[close].tolist(), distance[close].tolist(), strict=True))
 
 
 def near_copy_pairs(vectors: np.ndarray, threshold: float = DEFAULT_THRESHOLD) -> list[tuple[int, int, float]]:

@@ -184,7 +184,24 @@ def combined(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     return SINGLE["jpeg_q75"](image, rng) if rng.random() < 0.5 else image
 
 
-KINDS = {**SINGLE, "combined": combined}
+def retrace(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Cut again by hand from the same photo, as CP-AnemiC's re-cuts are: one tip shortened by
+    8-15 % of the crop's length (along its long axis), the edge redrawn (:func:`recut`), and the
+    crop rescaled by 5-20 %."""
+    rgba = np.asarray(_as_rgba(image)).copy()
+    cx, cy, angle, _, _ = near_copies.mask_frame(rgba[..., 3].astype(np.float32) / 255)
+    rows, cols = np.mgrid[0 : rgba.shape[0], 0 : rgba.shape[1]] + 0.5
+    along = (cols - cx) * np.cos(angle) + (rows - cy) * np.sin(angle)
+    along = along * _sign(rng)
+    shown = along[rgba[..., 3] > 0]
+    cut = shown.max() - rng.uniform(0.08, 0.15) * (shown.max() - shown.min())
+    rgba[along > cut, 3] = 0
+    kept_rows, kept_cols = np.nonzero(rgba[..., 3])
+    box = (kept_cols.min(), kept_rows.min(), kept_cols.max() + 1, kept_rows.max() + 1)
+    return rescale(recut(Image.fromarray(rgba, "RGBA").crop(box), rng), rng)
+
+
+KINDS = {**SINGLE, "combined": combined, "retrace": retrace}
 
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
@@ -384,10 +401,16 @@ OLD_RAISED = Finder("dHash-256, cut-off from the benchmark", _dhash_bits, _hammi
 BOX_HASHES = Finder(
     "dHash+pHash of the mask's box, mirror/turn-invariant", _box_hashes, _box_hash_distances, None, True
 )
+FIRST_STAGE = Finder(
+    "near-copies-1 (the first stage alone)",
+    near_copies.features,
+    near_copies.first_stage_distances,
+    near_copies.DEFAULT_THRESHOLD,
+)
 NEW = Finder(
     f"{near_copies.VERSION} (this finder)", near_copies.features, near_copies.distances, near_copies.DEFAULT_THRESHOLD
 )
-FINDERS = (OLD, OLD_RAISED, BOX_HASHES, NEW)
+FINDERS = (OLD, OLD_RAISED, BOX_HASHES, FIRST_STAGE, NEW)
 
 
 @dataclass

@@ -11,6 +11,7 @@ import numpy as np
 from helpers import BAD, add_bad_files, display_p3_profile, encoded, make_image_folder
 from PIL import Image
 
+from anemia_dist import near_copies
 from anemia_dist.audit import AuditReport, audit_data, near_pairs
 from anemia_dist.cli import main
 from anemia_dist.config import DataConfig
@@ -193,7 +194,7 @@ def test_mirrored_copies_are_grouped_by_the_near_copy_finder_and_the_json_names_
     assert audit(root, near_copy_threshold=None).near_groups == []
     report.write(tmp_path / "report")
     summary = json.loads((tmp_path / "report" / AUDIT_JSON).read_text())
-    assert summary["near_copy_finder"] == "near-copies-1" and summary["near_copy_threshold"] == 0.10
+    assert summary["near_copy_finder"] == near_copies.VERSION and summary["near_copy_threshold"] == 0.10
     assert summary["copy_groups"] == 1 and summary["distinct_pictures"] == 9 and summary["largest_copy_group"] == 2
     (conflict,) = summary["conflicting_label_groups"]
     assert {(Path(m["path"]).name, m["label"]) for m in conflict["members"]} == {

@@ -17,10 +17,11 @@ from anemia_dist.near_copy_bench import KINDS, synthetic_crop
 
 SIDE = 64
 """Long side of every generated crop."""
-HARD_AT_SIDE = ("jpeg_q50", "combined")
-"""Planted copies beyond the default cut-off at 64 px (0.13 and 0.12 here: JPEG q50 smears a crop
-this small, and the chain of three edits ends in a JPEG); at full size most are found
-(docs/near-copies.md). Raising ``data.near_copy_threshold`` to RAISED finds them."""
+HARD_AT_SIDE = ("jpeg_q50", "combined", "retrace")
+"""Planted copies beyond the default cut-off at 64 px (JPEG q50 smears a crop this small, the chain
+of three edits ends in a JPEG, and a retraced crop this small keeps too little detail for the
+second stage); at full size most are found (docs/near-copies.md). Raising
+``data.near_copy_threshold`` to RAISED finds them."""
 RAISED = 0.2
 """Below the closest distinct pair of the sets (0.23), above every planted copy."""
 
