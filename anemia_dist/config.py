@@ -162,7 +162,7 @@ class DataConfig:
     """Images within this ``near-copies-2`` distance (anemia_dist/near_copies.py: mirror/turn
     invariant, taken in the frame of each crop's mask, with a second stage for crops re-cut by hand)
     are near copies and share a split, beside the dHash pairs; null turns it off. 0.10 is set on a
-    benchmark (docs/near-copies.md): recall 0.97 on made copies, 6e-5 of CP-AnemiC's distinct pairs merged."""
+    benchmark (docs/near-copies.md): recall 0.98 on made copies, 6e-5 of CP-AnemiC's distinct pairs merged."""
     copy_review: str | None = None
     """CSV of pairs reviewed by eye (columns a, b, verdict; a/b a file name, stem or path), or the name
     of a packaged one (``cp_anemic_review.csv``, which ``--config cp_anemic`` uses): rows whose verdict

@@ -165,31 +165,48 @@ def mask_frame(shown: np.ndarray) -> tuple[float, float, float, float, float]:
     return cx, cy, 0.5 * float(np.arctan2(2 * sxy, sxx - syy)), along, across
 
 
+def _render(
+    premultiplied: Image.Image,
+    size: tuple[int, int],
+    origin: tuple[float, float],
+    u_axis: tuple[float, float],
+    v_axis: tuple[float, float],
+) -> np.ndarray:
+    """4 planes (R, G, B premultiplied, mask) of ``size`` (width, height) whose point (X, Y) shows
+    the source at ``origin + X u_axis + Y v_axis`` (continuous pixel coordinates: pixel i spans
+    [i, i + 1)). The source is shrunk first to about one pixel per step, so bilinear sampling does
+    not alias; a resize (not reduce) keeps the grid symmetric: a mirrored picture shrinks to the
+    mirrored result."""
+    finest = min(np.hypot(*u_axis), np.hypot(*v_axis))
+    width, height = premultiplied.size
+    shrunk = (max(1, round(width / finest)), max(1, round(height / finest))) if finest > 2 else (width, height)
+    if shrunk != (width, height):
+        premultiplied = premultiplied.resize(shrunk, Image.Resampling.BOX)
+    sx, sy = width / shrunk[0], height / shrunk[1]
+    coefficients = (u_axis[0] / sx, v_axis[0] / sx, origin[0] / sx, u_axis[1] / sy, v_axis[1] / sy, origin[1] / sy)
+    planes = np.asarray(premultiplied, dtype=np.float32).transpose(2, 0, 1) / 255
+    return np.stack(
+        [
+            np.asarray(
+                Image.fromarray(np.ascontiguousarray(plane), "F").transform(
+                    size, Image.Transform.AFFINE, coefficients, Image.Resampling.BILINEAR
+                )
+            )
+            for plane in planes
+        ]
+    )
+
+
 def _resample(premultiplied: Image.Image, frame: tuple[float, float, float, float, float]) -> np.ndarray:
     """4 x THUMB x THUMB planes (R, G, B premultiplied, mask) of the window around the centre, long axis horizontal."""
     cx, cy, angle, along, across = frame
     across = along ** (1 - STRETCH) * across**STRETCH
     step_u, step_v = 2 * WINDOW * along / THUMB, 2 * WINDOW * across / THUMB  # source pixels per thumbnail pixel
-    width, height = premultiplied.size
-    # Shrink first to about one pixel per step, so bilinear sampling does not alias. A resize (not
-    # reduce) keeps the grid symmetric: a mirrored picture shrinks to the mirrored result.
-    finest = min(step_u, step_v)
-    size = (max(1, round(width / finest)), max(1, round(height / finest))) if finest > 2 else (width, height)
-    if size != (width, height):
-        premultiplied = premultiplied.resize(size, Image.Resampling.BOX)
-    sx, sy = width / size[0], height / size[1]
     cos, sin = np.cos(angle), np.sin(angle)
-    # Thumbnail point (u, v) -> source: x = cx + cos step_u (u - T/2) - sin step_v (v - T/2), y likewise.
-    a, b, d, e = cos * step_u / sx, -sin * step_v / sx, sin * step_u / sy, cos * step_v / sy
+    u_axis, v_axis = (cos * step_u, sin * step_u), (-sin * step_v, cos * step_v)
     half = THUMB / 2
-    coefficients = (a, b, cx / sx - half * (a + b), d, e, cy / sy - half * (d + e))
-    planes = np.asarray(premultiplied, dtype=np.float32).transpose(2, 0, 1) / 255
-    out = []
-    for plane in planes:
-        image = Image.fromarray(np.ascontiguousarray(plane), "F")
-        thumb = image.transform((THUMB, THUMB), Image.Transform.AFFINE, coefficients, Image.Resampling.BILINEAR)
-        out.append(np.asarray(thumb))
-    return np.stack(out)
+    origin = (cx - half * (u_axis[0] + v_axis[0]), cy - half * (u_axis[1] + v_axis[1]))
+    return _render(premultiplied, (THUMB, THUMB), origin, u_axis, v_axis)
 
 
 def _strip(rgba: Image.Image, shown: np.ndarray, angle: float) -> np.ndarray:
@@ -205,27 +222,9 @@ def _strip(rgba: Image.Image, shown: np.ndarray, angle: float) -> np.ndarray:
     u0, v0 = along.min() - 0.5, across.min() - 0.5
     step = (along.max() + 0.5 - u0) / _RENDER  # source pixels per rendered pixel
     height = int(np.ceil((across.max() + 0.5 - v0) / step)) + 1
-    premultiplied = rgba.convert("RGBa")
-    width, tall = premultiplied.size
-    if step > 2:  # shrink first so bilinear sampling does not alias
-        premultiplied = premultiplied.resize(
-            (max(1, round(width / step)), max(1, round(tall / step))), Image.Resampling.BOX
-        )
-    sx, sy = width / premultiplied.width, tall / premultiplied.height
-    # Rendered point (X, Y) -> source: x = u cos - v sin, y = u sin + v cos with u = u0 + X step, v = v0 + Y step.
-    coefficients = (
-        step * cos / sx, -step * sin / sx, (u0 * cos - v0 * sin) / sx,
-        step * sin / sy, step * cos / sy, (u0 * sin + v0 * cos) / sy,
-    )  # fmt: skip
-    planes = np.stack(
-        [
-            np.asarray(
-                Image.fromarray(np.ascontiguousarray(plane), "F").transform(
-                    (_RENDER, height), Image.Transform.AFFINE, coefficients, Image.Resampling.BILINEAR
-                )
-            )
-            for plane in np.asarray(premultiplied, dtype=np.float32).transpose(2, 0, 1) / 255
-        ]
+    origin = (u0 * cos - v0 * sin, u0 * sin + v0 * cos)
+    planes = _render(
+        rgba.convert("RGBa"), (_RENDER, height), origin, (step * cos, step * sin), (-step * sin, step * cos)
     )
     inside = planes[3] > 0.5
     columns = np.nonzero(inside.sum(axis=0) >= 2)[0]
