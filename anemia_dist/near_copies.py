@@ -420,12 +420,19 @@ def _deciles(vectors: np.ndarray) -> np.ndarray:
     return np.quantile(profile, _DECILES, axis=2).transpose(1, 2, 0).reshape(len(vectors), -1)
 
 
-def _combined(a: np.ndarray, b: np.ndarray, i: np.ndarray, j: np.ndarray, first: np.ndarray) -> np.ndarray:
+def _combined(
+    a: np.ndarray,
+    b: np.ndarray,
+    i: np.ndarray,
+    j: np.ndarray,
+    first: np.ndarray,
+    deciles: tuple[np.ndarray, np.ndarray],
+) -> np.ndarray:
     """The finder's distance of pairs (row i of ``a``, row j of ``b``) whose first-stage distance
     is ``first``: the smaller of the two stages, the second only for pairs within CANDIDATE_RADIUS
-    whose colour profiles pass PROFILE_GATE."""
+    whose colour profiles (``deciles`` of a and b, :func:`_deciles`) pass PROFILE_GATE."""
     out = first.astype(np.float64).copy()
-    gap = np.sqrt(((_deciles(a)[i] - _deciles(b)[j]) ** 2).mean(axis=1))
+    gap = np.sqrt(((deciles[0][i] - deciles[1][j]) ** 2).mean(axis=1))
     pick = np.nonzero((first <= CANDIDATE_RADIUS) & (gap <= PROFILE_GATE))[0]
     if len(pick):
         out[pick] = np.minimum(out[pick], _verified(a, b, i[pick], j[pick]))
@@ -443,7 +450,7 @@ def distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     smaller. Quadratic; :func:`near_copy_pairs` and :func:`cross_pairs` find the close ones without it."""
     first = first_stage_distances(a, b)
     i, j = np.nonzero(first <= CANDIDATE_RADIUS)
-    first[i, j] = _combined(a, b, i, j, first[i, j])
+    first[i, j] = _combined(a, b, i, j, first[i, j], (_deciles(a), _deciles(b)))
     return first
 
 
@@ -482,7 +489,7 @@ def _pairs(a: np.ndarray, b: np.ndarray, threshold: float, same: bool) -> list[t
     i, j = np.concatenate([*first_i, second_i]), np.concatenate([*first_j, second_j])
     pair = np.unique(np.stack([i, j], axis=1), axis=0).reshape(-1, 2)
     i, j = pair[:, 0], pair[:, 1]
-    distance = _combined(a, b, i, j, _first_stage_pairs(a, b, i, j))
+    distance = _combined(a, b, i, j, _first_stage_pairs(a, b, i, j), (deciles_a, deciles_b))
     close = distance <= threshold
     return list(zip(i[close].tolist(), j[close].tolist(), distance[close].tolist(), strict=True))
 
